@@ -1,0 +1,91 @@
+"""Composing and checking the shipped Hydra config tree (CLI entry points, tests, notebooks)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from typing import Callable, Sequence
+
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from vir.utils.config_schema import VirConfig, register_configs
+
+CONFIG_MODULE = "vir.conf"
+CONFIG_NAME = "config"
+
+
+class ConfigError(ValueError):
+    """A config the user wrote is wrong; the message names the key and what to do."""
+
+
+def check_config(cfg: DictConfig) -> DictConfig:
+    """Merge `cfg` onto the typed schema so keys added with `+key=...` are checked too.
+
+    Returns the merged (typed, struct-mode) config; raises ConfigError naming the full key otherwise.
+    """
+    try:
+        # Re-merge a plain copy: a composed config lets `+key=...` through even onto typed nodes.
+        plain = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+        merged = OmegaConf.merge(OmegaConf.structured(VirConfig), plain)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_describe(err)) from err
+    OmegaConf.set_struct(merged, True)
+    return merged
+
+
+def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose `vir.conf/config.yaml` with command-line style `overrides` and check it against the schema."""
+    register_configs()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+            cfg = compose(config_name=CONFIG_NAME, overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(_describe(err)) from err
+    finally:
+        GlobalHydra.instance().clear()
+    return check_config(cfg)
+
+
+def _describe(err: Exception) -> str:
+    full_key = getattr(err, "full_key", None)
+    msg = str(err).strip()
+    if err.__cause__ is not None and str(err.__cause__).strip() not in msg:
+        msg = f"{msg}: {str(err.__cause__).strip()}"
+    if full_key and full_key not in msg:
+        msg = f"{msg} (key: {full_key})"
+    return f"invalid config: {msg}\nRun with `--cfg job` to print the composed config and its keys."
+
+
+def cli_entry(run: Callable[[DictConfig], int]) -> Callable[[], None]:
+    """Turn `run(cfg) -> exit status` into a console-script `main()` that takes Hydra overrides.
+
+    `--cfg job` prints the composed config; config errors exit with status 2 and a one-paragraph message
+    instead of a traceback.
+    """
+
+    @functools.wraps(run)
+    def main() -> None:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        args = sys.argv[1:]
+        print_cfg = False
+        if "--cfg" in args:
+            i = args.index("--cfg")
+            print_cfg = True
+            del args[i : i + 2]
+        try:
+            cfg = compose_config(args)
+        except ConfigError as err:
+            print(err, file=sys.stderr)
+            sys.exit(2)
+        if print_cfg:
+            print(OmegaConf.to_yaml(cfg, resolve=True))
+            sys.exit(0)
+        sys.exit(run(cfg))
+
+    return main

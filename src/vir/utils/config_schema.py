@@ -1,0 +1,134 @@
+"""Typed defaults for every config key, registered in Hydra's ConfigStore.
+
+The dataclasses here are the single source of truth for what a key is called and what type it has.
+`conf/config.yaml` puts `vir_schema` first in its defaults list, so every YAML file and every command-line
+override is merged onto these types: a misspelt key fails at start-up naming the key (and its section),
+instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class LLMConfig:
+    """The language model. `path` points at a local HF Llama directory; `null` builds a random-init Llama
+    from the size fields below (tests and the embedded default)."""
+
+    path: Optional[str] = None
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 4096
+    rope_theta: float = 500000.0
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    attn_implementation: str = "sdpa"
+
+
+@dataclass
+class VisionTowerConfig:
+    """The CLIP vision tower. `path` points at a local HF CLIP (or CLIPVision) directory; `null` builds a
+    random-init tower from the size fields below."""
+
+    path: Optional[str] = None
+    image_size: int = 336
+    patch_size: int = 14
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    select_layer: int = -2  # LLaVA's mm_vision_select_layer
+    select_feature: str = "patch"  # patch (drop CLS) | cls_patch
+    freeze: bool = True
+
+
+@dataclass
+class ModelConfig:
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    vision_tower: VisionTowerConfig = field(default_factory=VisionTowerConfig)
+    projector_type: str = "mlp2x_gelu"  # linear | mlp2x_gelu | identity
+    # A projector to start from (LLaVA `mm_projector.bin`, e.g. the stage-1 output). Optional.
+    pretrained_projector: Optional[str] = None
+    # Tokenizer directory; `null` means the LLM's directory.
+    tokenizer_path: Optional[str] = None
+    image_token: str = "<image>"
+    # Pad token to use when the tokenizer has none; `null` picks Llama-3's `<|finetune_right_pad_id|>` when
+    # the vocabulary has it, else adds `<pad>`.
+    pad_token: Optional[str] = None
+    model_max_length: int = 2048
+
+
+@dataclass
+class DataConfig:
+    train_path: Optional[str] = None
+    eval_path: Optional[str] = None
+    test_path: Optional[str] = None
+    image_folder: Optional[str] = None
+    template: str = "llama3"  # llama3 | plain
+    system_prompt: Optional[str] = None
+    image_aspect_ratio: str = "pad"  # pad (square with the processor's mean colour) | crop
+    num_workers: int = 0
+    # At most this many fallback warnings (corrupt / missing / refused image) are logged per dataset.
+    max_image_warnings: int = 20
+
+
+@dataclass
+class TrainingConfig:
+    output_dir: str = "runs/default"
+    mode: str = "stage2_lora"  # stage1 | stage2_lora | stage2_full
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 2e-4
+    mm_projector_lr: Optional[float] = None
+    vision_tower_lr: Optional[float] = None
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    lr_scheduler_type: str = "cosine"
+    logging_steps: int = 10
+    eval_steps: Optional[int] = None
+    save_steps: int = 500
+    save_total_limit: Optional[int] = None
+    group_by_modality_length: bool = False
+    gradient_checkpointing: bool = False
+    bf16: bool = False
+    fp16: bool = False
+    lora_r: int = 64
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    report_to: List[str] = field(default_factory=lambda: ["tensorboard"])
+    resume_from_checkpoint: Optional[str] = None
+    extra_args: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ValidateConfig:
+    """`vir-validate` options."""
+
+    split: str = "train"  # train | eval | test
+    dump_dir: Optional[str] = None
+    max_records: Optional[int] = None
+
+
+@dataclass
+class VirConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
+    seed: int = 42
+    experiment_name: str = "default"
+
+
+def register_configs() -> None:
+    """Register the schema so `conf/config.yaml` can name `vir_schema` in its defaults list."""
+    cs = ConfigStore.instance()
+    cs.store(name="vir_schema", node=VirConfig)
