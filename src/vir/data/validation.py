@@ -1,0 +1,181 @@
+"""Run every record through the dataset and summarise exactly what will train (`vir-validate`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from vir.data.dataset import LazySupervisedDataset
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ValidationSummary:
+    """Counts over every record of one split, as printed by `vir-validate`."""
+
+    records: int = 0
+    valid: int = 0
+    invalid: List[Tuple[str, str]] = field(default_factory=list)
+    images_ok: int = 0
+    images_missing: int = 0
+    images_corrupt: int = 0
+    images_refused: int = 0
+    text_only: int = 0
+    single_image: int = 0
+    multi_image: int = 0
+    truncated: int = 0
+    skipped: List[Tuple[str, str]] = field(default_factory=list)
+    token_lengths: List[int] = field(default_factory=list)
+    trained_tokens: int = 0
+    total_tokens: int = 0
+
+    @property
+    def can_train(self) -> bool:
+        """Data can train when no record is invalid and at least one sample survives."""
+        return not self.invalid and self.valid - len(self.skipped) > 0
+
+    def length_percentiles(self) -> Dict[str, int]:
+        if not self.token_lengths:
+            return {}
+        arr = np.asarray(self.token_lengths)
+        return {f"p{q}": int(np.percentile(arr, q)) for q in (0, 50, 90, 99, 100)}
+
+    def to_dict(self) -> dict:
+        return {
+            "records": self.records,
+            "valid": self.valid,
+            "invalid": [{"id": i, "reason": r} for i, r in self.invalid],
+            "images": {
+                "ok": self.images_ok,
+                "missing": self.images_missing,
+                "corrupt": self.images_corrupt,
+                "refused": self.images_refused,
+            },
+            "text_only": self.text_only,
+            "single_image": self.single_image,
+            "multi_image": self.multi_image,
+            "truncated": self.truncated,
+            "skipped": [{"id": i, "reason": r} for i, r in self.skipped],
+            "token_length_percentiles": self.length_percentiles(),
+            "trained_token_fraction": self.trained_fraction,
+            "can_train": self.can_train,
+        }
+
+    @property
+    def trained_fraction(self) -> float:
+        return self.trained_tokens / self.total_tokens if self.total_tokens else 0.0
+
+
+def validate_dataset(
+    dataset: LazySupervisedDataset,
+    dump_dir: Optional[str | Path] = None,
+    max_records: Optional[int] = None,
+    tokenizer=None,
+) -> ValidationSummary:
+    """Build every sample of `dataset` (images included) and count what happened to it.
+
+    With `dump_dir`, writes `samples.jsonl` (one row per record: id, input_ids, labels, num_images, issues;
+    invalid records included with empty ids and their reason) and `tokenizer/` so the masking can be
+    re-checked independently.
+    """
+    summary = ValidationSummary(invalid=list(dataset.invalid_records))
+    n = len(dataset) if max_records is None else min(len(dataset), max_records)
+    summary.valid = n
+    summary.records = n + len(summary.invalid)
+    dump = _open_dump(dump_dir, tokenizer or dataset.tokenizer)
+    try:
+        for i in tqdm(range(n), desc="validating", unit="rec", disable=n < 200):
+            report = dataset.inspect(i)
+            _count(summary, report)
+            if dump is not None:
+                dump.write(json.dumps(_row(report)) + "\n")
+        if dump is not None:
+            for record_id, reason in summary.invalid:
+                row = {"id": record_id, "input_ids": [], "labels": [], "num_images": 0}
+                dump.write(json.dumps({**row, "issues": [f"invalid:{reason}"]}) + "\n")
+    finally:
+        if dump is not None:
+            dump.close()
+    return summary
+
+
+def _count(summary: ValidationSummary, report) -> None:
+    for issue in report.issues:
+        kind = issue.split(":", 1)[0]
+        if kind == "image_missing":
+            summary.images_missing += 1
+        elif kind == "image_corrupt":
+            summary.images_corrupt += 1
+        elif kind == "image_refused":
+            summary.images_refused += 1
+        elif kind == "truncated":
+            summary.truncated += 1
+    bad_images = sum(i.split(":", 1)[0] in _IMAGE_ISSUES for i in report.issues)
+    summary.images_ok += report.num_images - bad_images
+    if report.num_images == 0:
+        summary.text_only += 1
+    elif report.num_images == 1:
+        summary.single_image += 1
+    else:
+        summary.multi_image += 1
+    if report.skipped:
+        reason = next((i.split(":", 1)[1] for i in report.issues if i.startswith("skipped:")), "skipped")
+        summary.skipped.append((report.id, reason))
+        return
+    summary.token_lengths.append(len(report.input_ids))
+    summary.total_tokens += len(report.labels)
+    summary.trained_tokens += sum(1 for label in report.labels if label != IGNORE_INDEX)
+
+
+_IMAGE_ISSUES = {"image_missing", "image_corrupt", "image_refused"}
+
+
+def _open_dump(dump_dir, tokenizer):
+    if dump_dir is None:
+        return None
+    out = Path(dump_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(str(out / "tokenizer"))
+    return open(out / "samples.jsonl", "w", encoding="utf-8")
+
+
+def _row(report) -> dict:
+    return {
+        "id": report.id,
+        "input_ids": list(map(int, report.input_ids)),
+        "labels": list(map(int, report.labels)),
+        "num_images": report.num_images,
+        "issues": list(report.issues),
+    }
+
+
+def format_summary(summary: ValidationSummary, split: str, path: str) -> str:
+    """Human-readable report printed by `vir-validate`."""
+    pct = summary.length_percentiles()
+    lines = [
+        f"split: {split}  ({path})",
+        f"records: {summary.records}  valid: {summary.valid}  invalid: {len(summary.invalid)}",
+        f"images: ok {summary.images_ok}  missing {summary.images_missing}  corrupt {summary.images_corrupt}"
+        f"  refused {summary.images_refused}",
+        f"samples: text-only {summary.text_only}  single-image {summary.single_image}"
+        f"  multi-image {summary.multi_image}",
+        f"truncated: {summary.truncated}  skipped: {len(summary.skipped)}",
+        "token lengths: " + ("  ".join(f"{k} {v}" for k, v in pct.items()) if pct else "n/a"),
+        f"trained-token fraction: {summary.trained_fraction:.3f}",
+    ]
+    for record_id, reason in summary.skipped[:20]:
+        lines.append(f"  skipped {record_id}: {reason}")
+    if summary.invalid:
+        lines.append("invalid records (will not train):")
+        lines.extend(f"  {record_id}: {reason}" for record_id, reason in summary.invalid)
+    lines.append("status: " + ("OK, data can train" if summary.can_train else "FAILED"))
+    return "\n".join(lines)
