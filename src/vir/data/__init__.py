@@ -1,0 +1,43 @@
+"""Data room: records -> conversations -> (input_ids, labels); lazy images; batch collation."""
+
+from vir.data.collator import DataCollatorForSupervisedDataset, pad_batch
+from vir.data.conversation import (
+    DEFAULT_IMAGE_TOKEN,
+    IGNORE_INDEX,
+    TEMPLATES,
+    InvalidRecordError,
+    Message,
+    Record,
+    TruncationResult,
+    build_example,
+    get_template,
+    normalize_record,
+    truncate_example,
+)
+from vir.data.dataset import COUNTERS, DataFileError, LazySupervisedDataset, SampleReport, read_raw_records
+from vir.data.images import black_image, expand_to_square, load_image, to_rgb
+
+__all__ = [
+    "COUNTERS",
+    "DEFAULT_IMAGE_TOKEN",
+    "IGNORE_INDEX",
+    "TEMPLATES",
+    "DataCollatorForSupervisedDataset",
+    "DataFileError",
+    "InvalidRecordError",
+    "LazySupervisedDataset",
+    "Message",
+    "Record",
+    "SampleReport",
+    "TruncationResult",
+    "black_image",
+    "build_example",
+    "expand_to_square",
+    "get_template",
+    "load_image",
+    "normalize_record",
+    "pad_batch",
+    "read_raw_records",
+    "to_rgb",
+    "truncate_example",
+]

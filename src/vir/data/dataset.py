@@ -1,0 +1,410 @@
+"""`LazySupervisedDataset`: LLaVA-format records -> `{input_ids, labels, pixel_values}`, images opened lazily.
+
+Records are parsed and validated once, at construction, into a compact form that DataLoader workers share
+copy-on-write: every valid record serialised as JSON into one numpy `uint8` buffer with an `int64` offsets
+array, plus numpy arrays of estimated lengths and image counts. A list of 665k Python dicts would not do:
+touching an object's refcount writes to its page, so every worker would end up with its own copy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional, Union
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, get_worker_info
+from transformers import PreTrainedTokenizerBase
+
+from vir.data.conversation import (
+    DEFAULT_IMAGE_TOKEN,
+    InvalidRecordError,
+    Message,
+    Record,
+    TruncationResult,
+    build_example,
+    get_template,
+    normalize_record,
+    truncate_example,
+)
+from vir.data.images import IMAGE_OK, black_image, expand_to_square, load_image
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "eval", "test")
+IMAGE_ASPECT_RATIOS = ("pad", "crop")
+COUNTERS = ("images_ok", "images_missing", "images_corrupt", "images_refused", "truncated", "skipped")
+_WARNING_BUDGETS = ("_image_warnings", "_skip_warnings")
+CHARS_PER_TOKEN = 4  # rule of thumb for English BPE; `lengths` only has to rank samples for grouping
+TOKENS_PER_TURN = 5  # header, role, "\n\n", eot
+
+
+class DataFileError(ValueError):
+    """A data file that cannot be parsed; the message names the file (and line for JSONL)."""
+
+
+@dataclass
+class SampleReport:
+    """What `LazySupervisedDataset.inspect` found for one record (no counters touched, nothing logged).
+
+    `issues` holds `truncated`, `skipped:<reason>`, `image_missing:<path>`, `image_corrupt:<path>`,
+    `image_refused:<path>`. When `skipped`, `input_ids`/`labels` are the uncut sequences.
+    """
+
+    id: str
+    input_ids: list[int]
+    labels: list[int]
+    num_images: int
+    issues: list[str] = field(default_factory=list)
+    skipped: bool = False
+
+
+def read_raw_records(path: Union[str, Path]) -> Iterator[Any]:
+    """Yield the raw records of a JSON list or JSONL file, raising `DataFileError` naming file and line."""
+    hint = "expected a JSON list of records or one JSON object per line (JSONL)"
+    try:
+        with open(path, encoding="utf-8-sig") as handle:
+            is_json_list = _first_non_space(handle) == "["
+            handle.seek(0)
+            if is_json_list:
+                try:
+                    records = json.load(handle)
+                except json.JSONDecodeError as err:
+                    raise DataFileError(f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: "
+                                        f"{err.msg} ({hint})") from None
+                yield from records
+                return
+            for lineno, line in enumerate(handle, start=1):
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise DataFileError(f"{path}:{lineno}: malformed JSON line, column {err.colno}: "
+                                            f"{err.msg} ({hint})") from None
+    except UnicodeDecodeError as err:
+        raise DataFileError(f"{path}: not UTF-8 text ({err})") from None
+
+
+def _first_non_space(handle) -> str:
+    while chunk := handle.read(4096):
+        stripped = chunk.lstrip()
+        if stripped:
+            return stripped[0]
+    return ""
+
+
+class _RecordStore:
+    """Records as JSON bytes in one `uint8` buffer [total_bytes] with `offsets` [N + 1]."""
+
+    def __init__(self, chunks: list[bytes]):
+        self.offsets = np.zeros(len(chunks) + 1, dtype=np.int64)
+        np.cumsum([len(chunk) for chunk in chunks], out=self.offsets[1:])
+        self.buffer = np.frombuffer(b"".join(chunks), dtype=np.uint8)
+
+    @staticmethod
+    def encode(record: Record) -> bytes:
+        return json.dumps([record.id, record.images, [[m.role, m.content] for m in record.messages]],
+                          ensure_ascii=False).encode()
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> Record:
+        record_id, images, messages = json.loads(self.buffer[self.offsets[i] : self.offsets[i + 1]].tobytes())
+        return Record(record_id, tuple(images), tuple(Message(role, content) for role, content in messages))
+
+
+class SharedCounters:
+    """int64 event counters in shared memory, one row per DataLoader worker (row 0: the main process).
+
+    Each process writes only its own row, so there are no lost updates; `total` sums the rows and sees the
+    workers' counts live from the main process.
+    """
+
+    def __init__(self, names: tuple[str, ...], num_rows: int):
+        self.names = names
+        self._column = {name: k for k, name in enumerate(names)}
+        self.table = torch.zeros(num_rows, len(names), dtype=torch.int64).share_memory_()
+
+    def _row(self) -> int:
+        info = get_worker_info()
+        return 0 if info is None else 1 + info.id % (self.table.shape[0] - 1)
+
+    def add(self, name: str, count: int = 1) -> None:
+        self.table[self._row(), self._column[name]] += count
+
+    def total(self, name: str) -> int:
+        return int(self.table[:, self._column[name]].sum())
+
+    def reset(self) -> None:
+        self.table.zero_()
+
+
+class LazySupervisedDataset(Dataset):
+    """Supervised multimodal samples; item `i` is
+    `{"input_ids": LongTensor[T], "labels": LongTensor[T], "pixel_values": FloatTensor[N, 3, H, W]}`,
+    N the record's image count (0 for text-only: shape [0, 3, H, W]).
+
+    Invalid records are excluded at construction and listed in `invalid_records` as `(id, reason)`. A record
+    too long to keep its images, or with nothing left to train after truncation, is replaced by the next one
+    that can train (deterministically, warning with its id). Broken, missing or refused images become black
+    images. `stats()` counts these events across DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        data_path: Union[str, Path],
+        tokenizer: PreTrainedTokenizerBase,
+        image_processor: Any,
+        *,
+        num_image_tokens: int,
+        image_folder: Optional[Union[str, Path]] = None,
+        template: str = "llama3",
+        image_token: str = DEFAULT_IMAGE_TOKEN,
+        model_max_length: int = 2048,
+        image_aspect_ratio: str = "pad",
+        system_prompt: Optional[str] = None,
+        max_image_warnings: int = 20,
+        num_workers: int = 0,
+    ):
+        """`image_folder` defaults to the data file's directory; image paths may not leave it.
+        `num_workers` only sizes the counter table (at least 64 worker rows are kept)."""
+        self.data_path = Path(data_path)
+        if not self.data_path.is_file():
+            raise FileNotFoundError(f"data file not found: {self.data_path}")
+        if image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
+            raise ValueError(f"unknown image_aspect_ratio {image_aspect_ratio!r} (data.image_aspect_ratio); "
+                             f"choices: {list(IMAGE_ASPECT_RATIOS)}")
+        if num_image_tokens < 1:
+            raise ValueError(f"num_image_tokens must be >= 1, got {num_image_tokens}")
+        self.image_folder = Path(image_folder) if image_folder is not None else self.data_path.parent
+        if not self.image_folder.is_dir():
+            raise NotADirectoryError(f"image folder not found (data.image_folder): {self.image_folder}")
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.template = get_template(template)
+        self.image_token = image_token
+        self.image_token_id = _image_token_id(tokenizer, image_token)
+        self.num_image_tokens = num_image_tokens
+        self.model_max_length = model_max_length
+        self.image_aspect_ratio = image_aspect_ratio
+        self.system_prompt = system_prompt
+        self.max_image_warnings = max_image_warnings
+        self._pad_rgb = tuple(int(mean * 255) for mean in image_processor.image_mean)
+        self._pixel_shape: Optional[tuple[int, ...]] = None
+        self._counters = SharedCounters(COUNTERS + _WARNING_BUDGETS, max(num_workers, 64) + 1)
+        self._index_records()
+
+    @classmethod
+    def from_config(
+        cls,
+        data_cfg: Any,
+        split: str,
+        tokenizer: PreTrainedTokenizerBase,
+        image_processor: Any,
+        num_image_tokens: int,
+        model_max_length: int,
+        image_token: str = DEFAULT_IMAGE_TOKEN,
+    ) -> "LazySupervisedDataset":
+        """The `split` ("train" | "eval" | "test") dataset described by a `DataConfig` (`data.*` keys)."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; choices: {list(SPLITS)}")
+        key = f"{split}_path"
+        path = getattr(data_cfg, key)
+        if not path:
+            raise ValueError(f"data.{key} is not set: pass data.{key}=/path/to/records.json")
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"data.{key}: no such file: {path}")
+        return cls(
+            path, tokenizer, image_processor,
+            num_image_tokens=num_image_tokens,
+            image_folder=data_cfg.image_folder,
+            template=data_cfg.template,
+            image_token=image_token,
+            model_max_length=model_max_length,
+            image_aspect_ratio=data_cfg.image_aspect_ratio,
+            system_prompt=data_cfg.system_prompt,
+            max_image_warnings=data_cfg.max_image_warnings,
+            num_workers=data_cfg.num_workers,
+        )
+
+    # ---- index ---------------------------------------------------------------------------------------
+    def _index_records(self) -> None:
+        # Records are encoded as they stream by: no list of Record objects is ever held.
+        chunks: list[bytes] = []
+        lengths: list[int] = []
+        num_images: list[int] = []
+        self.invalid_records: list[tuple[str, str]] = []
+        self.num_records_total = 0
+        for index, raw in enumerate(read_raw_records(self.data_path)):
+            self.num_records_total += 1
+            try:
+                record = normalize_record(raw, index, self.image_token)
+            except InvalidRecordError as err:
+                self.invalid_records.append((err.record_id, err.reason))
+                continue
+            chunks.append(_RecordStore.encode(record))
+            lengths.append(self._estimate_length(record))
+            num_images.append(record.num_images)
+        self._store = _RecordStore(chunks)
+        self._num_images = np.array(num_images, dtype=np.int32)
+        self._lengths = np.array(lengths, dtype=np.int64)
+        if self.invalid_records:
+            shown = "; ".join(f"{rid}: {reason}" for rid, reason in self.invalid_records[:5])
+            more = f"; and {len(self.invalid_records) - 5} more" if len(self.invalid_records) > 5 else ""
+            logger.warning("%s: %d of %d records are invalid and excluded (%s%s). All are in "
+                           "dataset.invalid_records; `vir-validate` reports them.", self.data_path,
+                           len(self.invalid_records), self.num_records_total, shown, more)
+        if not chunks:
+            logger.error("%s: no valid record out of %d", self.data_path, self.num_records_total)
+
+    def _estimate_length(self, record: Record) -> int:
+        chars = sum(len(m.content) for m in record.messages) - len(self.image_token) * record.num_images
+        return (1 + TOKENS_PER_TURN * len(record.messages) + -(-chars // CHARS_PER_TOKEN)
+                + record.num_images * self.num_image_tokens)
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def record(self, i: int) -> Record:
+        """The normalised record behind index `i` (tags placed, before any system prompt)."""
+        return self._store[i]
+
+    def record_id(self, i: int) -> str:
+        return self._store[i].id
+
+    def iter_raw_records(self) -> Iterator[Any]:
+        """The file's raw records, valid or not, in file order (re-read from disk)."""
+        return read_raw_records(self.data_path)
+
+    @property
+    def lengths(self) -> list[int]:
+        """Estimated token length per sample, image tokens included (a new list per call)."""
+        return self._lengths.tolist()
+
+    @property
+    def modality_lengths(self) -> list[int]:
+        """LLaVA's convention: `+length` for samples with images, `-length` for text-only."""
+        return np.where(self._num_images > 0, self._lengths, -self._lengths).tolist()
+
+    # ---- samples -------------------------------------------------------------------------------------
+    def _tokenize(self, record: Record) -> tuple[list[int], list[int], TruncationResult]:
+        input_ids, labels = build_example(record, self.tokenizer, self.template, self.image_token_id,
+                                          self.num_image_tokens, self.system_prompt, self.image_token)
+        result = truncate_example(input_ids, labels, self.model_max_length, self.image_token_id,
+                                  self.num_image_tokens)
+        return input_ids, labels, result
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"index {i} out of range for {n} samples")
+        for step in range(n):
+            sample = self._build_sample((i + step) % n)
+            if sample is not None:
+                return sample
+        raise RuntimeError(f"{self.data_path}: no record can be trained at model_max_length="
+                           f"{self.model_max_length} (all skipped; see dataset.stats())")
+
+    def _build_sample(self, i: int) -> Optional[dict[str, torch.Tensor]]:
+        record = self.record(i)
+        _, _, result = self._tokenize(record)
+        if result.skip_reason is not None:
+            self._counters.add("skipped")
+            self._warn_limited("_skip_warnings", "record %r skipped (%s at model_max_length=%d); using the "
+                               "next record instead", record.id, result.skip_reason, self.model_max_length)
+            return None
+        if result.truncated:
+            self._counters.add("truncated")
+        return {
+            "input_ids": torch.tensor(result.input_ids, dtype=torch.long),
+            "labels": torch.tensor(result.labels, dtype=torch.long),
+            "pixel_values": self._pixel_values(record),
+        }
+
+    def _pixel_values(self, record: Record) -> torch.Tensor:
+        images = []
+        for path in record.images:
+            image, status = load_image(path, self.image_folder)
+            self._counters.add(f"images_{status}")
+            if image is None:
+                self._warn_limited("_image_warnings", "record %r: image %s is %s (under %s); using a black image",
+                                   record.id, path, status, self.image_folder)
+                image = black_image(_processor_image_size(self.image_processor))
+            images.append(image)
+        if not images:
+            return torch.zeros((0, *self.pixel_shape))
+        return self._process(images)
+
+    def _process(self, images: list) -> torch.Tensor:
+        if self.image_aspect_ratio == "pad":
+            images = [expand_to_square(image, self._pad_rgb) for image in images]
+        return self.image_processor(images=images, return_tensors="pt")["pixel_values"].float()
+
+    @property
+    def pixel_shape(self) -> tuple[int, ...]:
+        """`(3, H, W)` of one processed image."""
+        if self._pixel_shape is None:
+            self._pixel_shape = tuple(self._process([black_image(_processor_image_size(self.image_processor))])
+                                      .shape[1:])
+        return self._pixel_shape
+
+    def _warn_limited(self, budget: str, message: str, *args: Any) -> None:
+        # Cross-worker totals are read without a lock: near the limit a few extra warnings may slip through.
+        seen = self._counters.total(budget)
+        if seen < self.max_image_warnings:
+            logger.warning(message, *args)
+        elif seen == self.max_image_warnings:
+            logger.warning("%s: further %s warnings suppressed (data.max_image_warnings=%d); see dataset.stats()",
+                           self.data_path, budget.strip("_").replace("_warnings", ""), self.max_image_warnings)
+        else:
+            return
+        self._counters.add(budget)
+
+    # ---- reporting -----------------------------------------------------------------------------------
+    def stats(self) -> dict[str, int]:
+        """Event counts summed over all processes: keys `COUNTERS`."""
+        return {name: self._counters.total(name) for name in COUNTERS}
+
+    def reset_stats(self) -> None:
+        self._counters.reset()
+
+    def inspect(self, i: int) -> SampleReport:
+        """Check sample `i` without substituting anything: tokenization, truncation and every image."""
+        record = self.record(i)
+        input_ids, labels, result = self._tokenize(record)
+        issues = ["truncated"] if result.truncated else []
+        if result.skip_reason is not None:
+            issues.append(f"skipped:{result.skip_reason}")
+        for path in record.images:
+            status = load_image(path, self.image_folder)[1]
+            if status != IMAGE_OK:
+                issues.append(f"image_{status}:{path}")
+        skipped = result.skip_reason is not None
+        return SampleReport(record.id, input_ids if skipped else result.input_ids,
+                            labels if skipped else result.labels, record.num_images, issues, skipped)
+
+
+def _image_token_id(tokenizer: PreTrainedTokenizerBase, image_token: str) -> int:
+    token_id = tokenizer.convert_tokens_to_ids(image_token)
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        raise ValueError(f"the tokenizer has no {image_token!r} token: prepare it with "
+                         f"vir.models.builder.prepare_tokenizer (model.image_token)")
+    return token_id
+
+
+def _processor_image_size(image_processor: Any) -> tuple[int, int]:
+    """`(width, height)` the processor produces: its crop size, else its resize size."""
+    for attr in ("crop_size", "size"):
+        size = getattr(image_processor, attr, None)
+        if size is None:
+            continue
+        get = size.get if isinstance(size, Mapping) else (lambda key, s=size: getattr(s, key, None))
+        if get("height") and get("width"):
+            return int(get("width")), int(get("height"))
+        if get("shortest_edge"):
+            return int(get("shortest_edge")), int(get("shortest_edge"))
+    raise ValueError(f"cannot tell the output size of {type(image_processor).__name__} (no crop_size/size)")

@@ -1,0 +1,103 @@
+"""Image loading that never crashes a training run and never reads outside the image folder.
+
+`load_image` returns `(image, status)` with status `ok`, `missing`, `corrupt` (exists but cannot be read or
+decoded, truncated files included) or `refused` (the path resolves outside the image folder: `..`, an absolute
+path elsewhere or a symlink escaping it; such a file is never opened). Every PIL mode comes back as RGB.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+IMAGE_OK = "ok"
+IMAGE_MISSING = "missing"
+IMAGE_CORRUPT = "corrupt"
+IMAGE_REFUSED = "refused"
+IMAGE_STATUSES = (IMAGE_OK, IMAGE_MISSING, IMAGE_CORRUPT, IMAGE_REFUSED)
+
+# Transparent pixels are composited on white, as a browser shows a transparent PNG on a page; a bare
+# `convert("RGB")` would instead expose whatever colour happens to be stored under alpha = 0.
+ALPHA_BACKGROUND = (255, 255, 255)
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+def resolve_image_path(path: str, image_folder: Union[str, Path]) -> Optional[Path]:
+    """`image_folder / path` with symlinks and `..` resolved, or None when it lies outside `image_folder`."""
+    root = Path(image_folder).resolve()
+    try:
+        target = (root / path).resolve()
+    except (ValueError, OSError):  # embedded NUL byte, symlink loop
+        return None
+    return target if target.is_relative_to(root) else None
+
+
+def load_image(path: str, image_folder: Union[str, Path]) -> tuple[Optional[Image.Image], str]:
+    """Open `image_folder / path` fully decoded as RGB; returns `(image or None, status)` (see module doc)."""
+    target = resolve_image_path(path, image_folder)
+    if target is None:
+        return None, IMAGE_REFUSED
+    if not target.is_file():
+        return None, IMAGE_MISSING
+    # PIL raises OSError, SyntaxError, ValueError, struct.error, DecompressionBombError... for broken files;
+    # a broken file must cost one black image, never the run.
+    try:
+        with Image.open(target) as img:
+            img.load()  # force the full decode now, so a truncated file fails here
+            return to_rgb(img), IMAGE_OK
+    except Exception as err:  # noqa: BLE001 - see above
+        logger.debug("cannot decode %s: %r", target, err)
+        return None, IMAGE_CORRUPT
+
+
+def to_rgb(img: Image.Image, background_rgb: tuple[int, int, int] = ALPHA_BACKGROUND) -> Image.Image:
+    """A new RGB copy of `img` for any PIL mode.
+
+    Alpha (RGBA, LA, PA, P/L/RGB with a `transparency` entry) is composited on `background_rgb`; 16-bit,
+    32-bit integer and float greyscale are scaled to 8 bits (see `_to_uint8`); CMYK/YCbCr/1/L use PIL's
+    conversion.
+    """
+    if img.mode in _SIXTEEN_BIT_MODES or img.mode in ("I", "F"):
+        return Image.fromarray(_to_uint8(np.asarray(img), img.mode), mode="L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (*background_rgb, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _to_uint8(pixels: np.ndarray, mode: str) -> np.ndarray:
+    """Scale single-channel pixels to uint8: 16-bit modes by /257; `I` as 8-bit when it fits, else as 16-bit
+    when it fits, else min-max; `F` as [0, 1] when it fits, else as [0, 255] when it fits, else min-max."""
+    values = np.nan_to_num(pixels.astype(np.float64))
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if mode in _SIXTEEN_BIT_MODES or (mode == "I" and low >= 0 and 255 < high <= 65535):
+        values = values / 257.0
+    elif mode == "F" and low >= 0 and high <= 1.0:
+        values = values * 255.0
+    elif low < 0 or high > 255:
+        values = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+
+
+def expand_to_square(img: Image.Image, background_rgb: tuple[int, int, int]) -> Image.Image:
+    """LLaVA's `expand2square`: pad the short side symmetrically with `background_rgb` to a square."""
+    width, height = img.size
+    if width == height:
+        return img
+    side = max(width, height)
+    square = Image.new(img.mode, (side, side), background_rgb)
+    square.paste(img, ((side - width) // 2, (side - height) // 2))
+    return square
+
+
+def black_image(size: Union[int, tuple[int, int]]) -> Image.Image:
+    """An all-black RGB image; `size` is a side length or `(width, height)`."""
+    width, height = (size, size) if isinstance(size, int) else size
+    return Image.new("RGB", (width, height), (0, 0, 0))
