@@ -199,3 +199,26 @@ def test_truncation_never_splits_or_drops_an_image_block():
             assert any(label != IGNORE_INDEX for label in result.labels)
         else:
             assert max_length < 11  # the last image block ends at index 9; 5 is the first trained token after
+
+
+def test_generation_prompt_equals_chat_template_with_generation_prompt(tokenizer):
+    from vir.data.conversation import build_generation_prompt
+
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "<image>\nWhat colour is the circle?"},
+        {"role": "assistant", "content": "Red."},
+        {"role": "user", "content": "And the square?"},
+    ]
+    ids = build_generation_prompt(messages, tokenizer, "llama3", image_token_id, num_image_tokens=1)
+    expected = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)["input_ids"]
+    assert ids == expected
+
+
+def test_generation_prompt_plain_is_bos_and_image_blocks(tokenizer):
+    from vir.data.conversation import build_generation_prompt
+
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    ids = build_generation_prompt([{"role": "user", "content": "<image>"}], tokenizer, "plain", image_token_id, 3)
+    assert ids == [tokenizer.bos_token_id] + [image_token_id] * 3

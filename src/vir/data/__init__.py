@@ -10,12 +10,13 @@ from vir.data.conversation import (
     Record,
     TruncationResult,
     build_example,
+    build_generation_prompt,
     get_template,
     normalize_record,
     truncate_example,
 )
 from vir.data.dataset import COUNTERS, DataFileError, LazySupervisedDataset, SampleReport, read_raw_records
-from vir.data.images import black_image, expand_to_square, load_image, to_rgb
+from vir.data.images import black_image, expand_to_square, load_image, preprocess_images, to_rgb
 
 __all__ = [
     "COUNTERS",
@@ -32,11 +33,13 @@ __all__ = [
     "TruncationResult",
     "black_image",
     "build_example",
+    "build_generation_prompt",
     "expand_to_square",
     "get_template",
     "load_image",
     "normalize_record",
     "pad_batch",
+    "preprocess_images",
     "read_raw_records",
     "to_rgb",
     "truncate_example",

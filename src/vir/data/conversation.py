@@ -272,6 +272,29 @@ def build_example(
     return seq.input_ids, seq.labels
 
 
+def build_generation_prompt(
+    messages: Sequence[Union[Message, Mapping[str, str]]],
+    tokenizer: PreTrainedTokenizerBase,
+    template: Union[str, ChatTemplate],
+    image_token_id: int,
+    num_image_tokens: int,
+    system_prompt: Optional[str] = None,
+    image_token: str = DEFAULT_IMAGE_TOKEN,
+) -> list[int]:
+    """Prompt ids for generating the next assistant turn after `messages` (which end with a user turn).
+
+    Rendered by the same template as training: the conversation plus an empty assistant reply, minus that
+    reply's closing end token. For llama3 this is exactly `apply_chat_template(..., add_generation_prompt=True)`
+    (ids end with the assistant header and "\n\n"); for plain it is bos + image blocks.
+    """
+    messages = [m if isinstance(m, Message) else Message(ROLE_ALIASES[m["role"]], m["content"]) for m in messages]
+    if not messages or messages[-1].role != "user":
+        raise ValueError("a generation prompt needs a conversation that ends with a user turn")
+    input_ids, _ = build_example([*messages, Message("assistant", "")], tokenizer, template, image_token_id,
+                                 num_image_tokens, system_prompt, image_token)
+    return input_ids[:-1]
+
+
 @dataclass(frozen=True)
 class TruncationResult:
     """`input_ids`/`labels` cut to fit, or (when `skip_reason` is set) returned uncut for inspection."""

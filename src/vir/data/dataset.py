@@ -30,12 +30,11 @@ from vir.data.conversation import (
     normalize_record,
     truncate_example,
 )
-from vir.data.images import IMAGE_OK, black_image, expand_to_square, load_image
+from vir.data.images import IMAGE_ASPECT_RATIOS, IMAGE_OK, black_image, load_image, preprocess_images
 
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "eval", "test")
-IMAGE_ASPECT_RATIOS = ("pad", "crop")
 COUNTERS = ("images_ok", "images_missing", "images_corrupt", "images_refused", "truncated", "skipped")
 _WARNING_BUDGETS = ("_image_warnings", "_skip_warnings")
 CHARS_PER_TOKEN = 4  # rule of thumb for English BPE; `lengths` only has to rank samples for grouping
@@ -193,7 +192,6 @@ class LazySupervisedDataset(Dataset):
         self.image_aspect_ratio = image_aspect_ratio
         self.system_prompt = system_prompt
         self.max_image_warnings = max_image_warnings
-        self._pad_rgb = tuple(int(mean * 255) for mean in image_processor.image_mean)
         self._pixel_shape: Optional[tuple[int, ...]] = None
         self._counters = SharedCounters(COUNTERS + _WARNING_BUDGETS, max(num_workers, 64) + 1)
         self._index_records()
@@ -340,9 +338,7 @@ class LazySupervisedDataset(Dataset):
         return self._process(images)
 
     def _process(self, images: list) -> torch.Tensor:
-        if self.image_aspect_ratio == "pad":
-            images = [expand_to_square(image, self._pad_rgb) for image in images]
-        return self.image_processor(images=images, return_tensors="pt")["pixel_values"].float()
+        return preprocess_images(images, self.image_processor, self.image_aspect_ratio)
 
     @property
     def pixel_shape(self) -> tuple[int, ...]:

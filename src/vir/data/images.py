@@ -12,7 +12,10 @@ from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
+import torch
 from PIL import Image
+
+IMAGE_ASPECT_RATIOS = ("pad", "crop")
 
 logger = logging.getLogger(__name__)
 
@@ -101,3 +104,18 @@ def black_image(size: Union[int, tuple[int, int]]) -> Image.Image:
     """An all-black RGB image; `size` is a side length or `(width, height)`."""
     width, height = (size, size) if isinstance(size, int) else size
     return Image.new("RGB", (width, height), (0, 0, 0))
+
+
+def preprocess_images(images: list, image_processor, image_aspect_ratio: str = "pad") -> torch.Tensor:
+    """RGB PIL images -> `pixel_values [N, 3, H, W]` float32, as training sees them.
+
+    `pad`: square each image with the processor's mean colour first (LLaVA-1.5 fine-tuning); `crop`: let the
+    processor resize the short side and centre-crop.
+    """
+    if image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
+        raise ValueError(f"unknown image_aspect_ratio {image_aspect_ratio!r} (data.image_aspect_ratio); "
+                         f"choices: {list(IMAGE_ASPECT_RATIOS)}")
+    if image_aspect_ratio == "pad":
+        background = tuple(int(mean * 255) for mean in image_processor.image_mean)
+        images = [expand_to_square(image, background) for image in images]
+    return image_processor(images=images, return_tensors="pt")["pixel_values"].float()
