@@ -65,6 +65,37 @@ class ModelConfig:
 
 
 @dataclass
+class SyntheticConfig:
+    """The embedded default's synthetic VQA data set (`vir.data.synthetic`): scenes of coloured shapes on a
+    `grid` x `grid` layout that can only be answered by looking. Sizes fit a <=15-minute 2-core CPU run."""
+
+    seed: int = 0
+    image_size: int = 64
+    grid: int = 4  # with a 16-px patch on 64 px, one grid cell is exactly one ViT patch
+    min_objects: int = 2
+    max_objects: int = 5
+    colours: List[str] = field(
+        default_factory=lambda: ["red", "green", "blue", "yellow", "purple", "white"]
+    )
+    shapes: List[str] = field(default_factory=lambda: ["circle", "square", "triangle", "cross"])
+    jitter: int = 1  # max +-pixels an object moves inside its cell
+    num_stage1: int = 10000  # caption records (stage-1 alignment)
+    num_train: int = 20000  # instruction records, text-only and broken ones included
+    num_eval: int = 500
+    num_test: int = 1000
+    multi_turn_fraction: float = 0.3  # train records with 2..max_turns Q/A turns about one image
+    max_turns: int = 3
+    text_only_fraction: float = 0.05
+    num_broken: int = 3  # train records whose image is truncated, empty or missing (loader fallback)
+    sentence_answer_fraction: float = 0.2  # questions that ask for a full-sentence answer
+    # Question-type mix; eval and test follow it exactly (quotas), train samples from it.
+    question_mix: Dict[str, float] = field(
+        default_factory=lambda: {"count": 0.25, "exists": 0.25, "attribute": 0.25, "relation": 0.25}
+    )
+    vocab_size: int = 512  # BPE tokenizer trained on the data set's text
+
+
+@dataclass
 class DataConfig:
     train_path: Optional[str] = None
     eval_path: Optional[str] = None
@@ -76,6 +107,7 @@ class DataConfig:
     num_workers: int = 0
     # At most this many fallback warnings (corrupt / missing / refused image) are logged per dataset.
     max_image_warnings: int = 20
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
 @dataclass
