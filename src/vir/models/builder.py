@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import copy
 import logging
-from typing import Optional
+from pathlib import Path
+from typing import Any, Optional, Tuple
 
-from transformers import PreTrainedTokenizerBase
+import torch
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    PreTrainedConfig,
+    PreTrainedTokenizerBase,
+)
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+from vir.models.configuration import LlavaLlamaConfig, check_projector_type, check_select_feature
+from vir.models.encoder import load_vision_config
+from vir.models.llava_arch import LlavaLlamaForCausalLM
+from vir.models.projector import load_projector_state_dict
 from vir.models.tokenizer import FINETUNE_PAD
 
 logger = logging.getLogger(__name__)
@@ -43,3 +58,195 @@ def prepare_tokenizer(
     if model_max_length is not None:
         tokenizer.model_max_length = model_max_length
     return tokenizer
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Keys copied from an LLM's config.json that must not leak into the LlavaLlamaConfig built from it.
+_NOT_TEXT_FIELDS = ("model_type", "architectures", "transformers_version", "auto_map", "_name_or_path", "dtype")
+
+
+def build_tokenizer(model_cfg: Any) -> PreTrainedTokenizerBase:
+    """AutoTokenizer from `model.tokenizer_path` (else `model.llm.path`), prepared with `prepare_tokenizer`."""
+    if model_cfg.tokenizer_path:
+        key, path = "model.tokenizer_path", model_cfg.tokenizer_path
+    elif model_cfg.llm.path:
+        key, path = "model.llm.path", model_cfg.llm.path
+    else:
+        raise ValueError(
+            "no tokenizer configured: set model.tokenizer_path (or model.llm.path) to a local HF tokenizer directory"
+        )
+    _require_dir(path, key)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return prepare_tokenizer(tokenizer, model_cfg.image_token, model_cfg.pad_token, model_cfg.model_max_length)
+
+
+def build_image_processor(model_cfg: Any) -> CLIPImageProcessorPil:
+    """The CLIP image processor (PIL backend): saved with the tower at `model.vision_tower.path`, else CLIP's
+    defaults (OpenAI mean/std, bicubic resize + centre crop) at `model.vision_tower.image_size`."""
+    tower_cfg = model_cfg.vision_tower
+    image_size = tower_cfg.image_size
+    if tower_cfg.path:
+        directory = _require_dir(tower_cfg.path, "model.vision_tower.path")
+        if (directory / "preprocessor_config.json").is_file():
+            return CLIPImageProcessorPil.from_pretrained(str(directory))
+        image_size = load_vision_config(directory).image_size
+        logger.warning("%s has no preprocessor_config.json; using CLIP's defaults at %d px", directory, image_size)
+    return CLIPImageProcessorPil(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=OPENAI_CLIP_MEAN,
+        image_std=OPENAI_CLIP_STD,
+    )
+
+
+def build_model_config(
+    model_cfg: Any, tokenizer: PreTrainedTokenizerBase, image_aspect_ratio: str = "pad"
+) -> LlavaLlamaConfig:
+    """The LlavaLlamaConfig for `model_cfg`: LLM shape from `model.llm.path`'s config.json (else the size
+    fields), vision shape from `model.vision_tower.path` (else the size fields), token ids from `tokenizer`."""
+    check_projector_type(model_cfg.projector_type, key="model.projector_type")
+    check_select_feature(model_cfg.vision_tower.select_feature, key="model.vision_tower.select_feature")
+    image_token_id = tokenizer.convert_tokens_to_ids(model_cfg.image_token)
+    if image_token_id is None or image_token_id == tokenizer.unk_token_id:
+        raise ValueError(f"the tokenizer has no {model_cfg.image_token!r} token (model.image_token); "
+                         "run it through prepare_tokenizer (build_tokenizer does)")
+    source = _read_llm_config(model_cfg.llm.path) if model_cfg.llm.path else None
+    text_fields = _text_fields(source) if source is not None else _text_fields_from_sizes(model_cfg.llm)
+    vocab_size = len(tokenizer) if source is None else max(len(tokenizer), source.vocab_size)
+    multimodal_fields = {
+        "vocab_size": vocab_size,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "image_token_id": image_token_id,
+        "vision_config": _vision_config(model_cfg.vision_tower, source),
+        "mm_vision_tower": model_cfg.vision_tower.path,
+        "mm_projector_type": model_cfg.projector_type,
+        "mm_vision_select_layer": model_cfg.vision_tower.select_layer,
+        "mm_vision_select_feature": model_cfg.vision_tower.select_feature,
+        "image_aspect_ratio": image_aspect_ratio,
+        "tokenizer_model_max_length": model_cfg.model_max_length,
+    }
+    return LlavaLlamaConfig(**{**text_fields, **multimodal_fields})
+
+
+def build_model(
+    model_cfg: Any, tokenizer: PreTrainedTokenizerBase, image_aspect_ratio: str = "pad"
+) -> LlavaLlamaForCausalLM:
+    """LlavaLlamaForCausalLM for `model_cfg`: random init when `model.llm.path` is null, else the Llama
+    weights from there; CLIP weights from `model.vision_tower.path`; `model.pretrained_projector` when set.
+
+    Embeddings end up with `len(tokenizer)` rows (new rows are the mean of the old ones, as in LLaVA); the
+    vision tower is frozen when `model.vision_tower.freeze`. `model.llm.path` may also be a saved
+    LlavaLlamaForCausalLM: its tower and projector load with it, and `model.vision_tower.path`, when set,
+    still overwrites the tower (explicit config wins).
+    """
+    config = build_model_config(model_cfg, tokenizer, image_aspect_ratio)
+    dtype = _dtype(model_cfg.llm.dtype)
+    attn = model_cfg.llm.attn_implementation
+    if model_cfg.llm.path is None:
+        model = LlavaLlamaForCausalLM._from_config(config, dtype=dtype, attn_implementation=attn)
+    else:
+        # Load with the checkpoint's vocabulary size, then grow it for the tokens the tokenizer added.
+        load_config = copy.deepcopy(config)
+        load_config.vocab_size = _read_llm_config(model_cfg.llm.path).vocab_size
+        model = LlavaLlamaForCausalLM.from_pretrained(
+            str(model_cfg.llm.path), config=load_config, dtype=dtype, attn_implementation=attn, low_cpu_mem_usage=True
+        )
+        resize_token_embeddings_mean_init(model, config.vocab_size)
+    if model_cfg.vision_tower.path:
+        model.get_vision_tower().load_pretrained_weights(model_cfg.vision_tower.path)
+    if model_cfg.pretrained_projector:
+        if not Path(model_cfg.pretrained_projector).exists():
+            raise FileNotFoundError(f"model.pretrained_projector={model_cfg.pretrained_projector} does not exist")
+        load_projector_state_dict(model, model_cfg.pretrained_projector)
+    if model_cfg.vision_tower.freeze:
+        model.get_vision_tower().requires_grad_(False)
+    return model
+
+
+def build_all(cfg: Any) -> Tuple[LlavaLlamaForCausalLM, PreTrainedTokenizerBase, CLIPImageProcessorPil]:
+    """(model, tokenizer, image_processor) for a composed config (`cfg.model`, `cfg.data.image_aspect_ratio`)."""
+    tokenizer = build_tokenizer(cfg.model)
+    model = build_model(cfg.model, tokenizer, image_aspect_ratio=cfg.data.image_aspect_ratio)
+    image_processor = build_image_processor(cfg.model)
+    crop, tower_size = image_processor.crop_size, model.config.vision_config.image_size
+    if (crop["height"], crop["width"]) != (tower_size, tower_size):
+        raise ValueError(f"the image processor crops to {crop['height']}x{crop['width']} but the vision tower "
+                         f"expects {tower_size}x{tower_size} (model.vision_tower.image_size / .path)")
+    return model, tokenizer, image_processor
+
+
+def resize_token_embeddings_mean_init(model: LlavaLlamaForCausalLM, num_tokens: int) -> None:
+    """Grow input and output embeddings to `num_tokens` rows, each new row the mean of the old rows.
+
+    The mean keeps the new tokens' logits and embeddings in the distribution the model already knows (LLaVA
+    does the same); never shrinks, so checkpoints whose vocabulary is padded past the tokenizer keep it.
+    """
+    old_tokens = model.get_input_embeddings().weight.shape[0]
+    if num_tokens <= old_tokens:
+        return
+    model.resize_token_embeddings(num_tokens, mean_resizing=False)
+    weights = {id(m.weight): m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings())}
+    with torch.no_grad():
+        for weight in weights.values():
+            weight[old_tokens:] = weight[:old_tokens].float().mean(dim=0).to(weight.dtype)
+    logger.info("resized token embeddings %d -> %d (mean-initialised)", old_tokens, num_tokens)
+
+
+def _require_dir(path: Any, key: str) -> Path:
+    directory = Path(str(path))
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{key}={path} is not a directory; point it at a local Hugging Face directory")
+    return directory
+
+
+def _read_llm_config(path: Any) -> PreTrainedConfig:
+    directory = _require_dir(path, "model.llm.path")
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"model.llm.path={path} has no config.json; point it at a saved HF Llama model")
+    config = AutoConfig.from_pretrained(str(directory))
+    if config.model_type not in ("llama", LlavaLlamaConfig.model_type):
+        raise ValueError(f"model.llm.path={path} holds a {config.model_type!r} model; only Llama models are supported")
+    return config
+
+
+def _text_fields(source: PreTrainedConfig) -> dict:
+    """The Llama fields of an LLM config.json (a saved LlavaLlamaConfig's multimodal fields are rebuilt)."""
+    fields = source.to_dict()
+    for key in _NOT_TEXT_FIELDS + ("mm_hidden_size", "num_image_tokens"):
+        fields.pop(key, None)
+    return fields
+
+
+def _text_fields_from_sizes(llm_cfg: Any) -> dict:
+    return {
+        "hidden_size": llm_cfg.hidden_size,
+        "intermediate_size": llm_cfg.intermediate_size,
+        "num_hidden_layers": llm_cfg.num_hidden_layers,
+        "num_attention_heads": llm_cfg.num_attention_heads,
+        "num_key_value_heads": llm_cfg.num_key_value_heads,
+        "max_position_embeddings": llm_cfg.max_position_embeddings,
+        "rope_parameters": {"rope_type": "default", "rope_theta": float(llm_cfg.rope_theta)},
+    }
+
+
+def _vision_config(tower_cfg: Any, source: Optional[PreTrainedConfig]) -> CLIPVisionConfig:
+    if tower_cfg.path:
+        return load_vision_config(tower_cfg.path)
+    if isinstance(source, LlavaLlamaConfig):  # a saved LLaVA model carries its own tower's shape
+        return source.vision_config
+    return CLIPVisionConfig(
+        image_size=tower_cfg.image_size,
+        patch_size=tower_cfg.patch_size,
+        hidden_size=tower_cfg.hidden_size,
+        intermediate_size=tower_cfg.intermediate_size,
+        num_hidden_layers=tower_cfg.num_hidden_layers,
+        num_attention_heads=tower_cfg.num_attention_heads,
+    )
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r} (model.llm.dtype); choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]

@@ -1,0 +1,167 @@
+"""Builders: shipped tiny config -> working model; local Llama / CLIP directories really loaded; clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from models_fixtures import TINY_VISION
+from PIL import Image
+from transformers import (
+    AutoTokenizer,
+    CLIPConfig,
+    CLIPImageProcessorPil,
+    CLIPModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+from vir.models import LlavaLlamaForCausalLM, build_all, build_model, build_tokenizer
+from vir.models.projector import projector_state_dict, save_projector
+from vir.utils.config import compose_config
+
+
+def _prompt_ids(model, tokenizer, num_images=1):
+    text = tokenizer("Describe the image.", return_tensors="pt")["input_ids"][0]
+    image = torch.full((model.config.num_image_tokens * num_images,), model.config.image_token_id)
+    return torch.cat([text[:1], image, text[1:]])[None]
+
+
+def test_build_all_from_the_shipped_tiny_config(tokenizer_dir):
+    cfg = compose_config([f"model.tokenizer_path={tokenizer_dir}"])
+    model, tokenizer, processor = build_all(cfg)
+    config = model.config
+    assert isinstance(model, LlavaLlamaForCausalLM)
+    assert config.vocab_size == len(tokenizer) == model.get_input_embeddings().weight.shape[0]
+    assert config.image_token_id == tokenizer.convert_tokens_to_ids("<image>")
+    assert (config.pad_token_id, config.eos_token_id) == (tokenizer.pad_token_id, tokenizer.eos_token_id)
+    assert (config.num_image_tokens, config.mm_hidden_size, config.hidden_size) == (16, 32, 64)
+    assert config.image_aspect_ratio == cfg.data.image_aspect_ratio and config.tokenizer_model_max_length == 512
+    assert not any(p.requires_grad for p in model.get_vision_tower().parameters())
+    assert all(p.requires_grad for p in model.get_model().mm_projector.parameters())
+    assert processor.crop_size == {"height": 32, "width": 32}
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8))
+    pixel_values = processor(images=[image], return_tensors="pt")["pixel_values"]
+    assert pixel_values.shape == (1, 3, 32, 32)
+    ids = _prompt_ids(model, tokenizer)
+    out = model(input_ids=ids, pixel_values=pixel_values, labels=ids)
+    assert torch.isfinite(out.logits).all() and torch.isfinite(out.loss)
+
+
+@pytest.fixture(scope="module")
+def llm_dir(tmp_path_factory, tokenizer_dir):
+    """A tiny random Llama saved with the (unprepared) tokenizer, vocabulary = the tokenizer's."""
+    out = tmp_path_factory.mktemp("llama")
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _save_clip(directory, layout):
+    """Save a tiny CLIP tower (16 px, 8 px patches); returns its vision model for weight comparisons."""
+    torch.manual_seed(1)
+    if layout == "full_clip":
+        text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+        model = CLIPModel(CLIPConfig(vision_config=TINY_VISION, text_config=text, projection_dim=16))
+        processor = CLIPImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+        processor.save_pretrained(directory)
+        model.save_pretrained(directory)
+        return model.vision_model
+    model = CLIPVisionModel(CLIPVisionConfig(**TINY_VISION))
+    model.save_pretrained(directory)
+    return model
+
+
+@pytest.mark.parametrize("layout", ["clip_vision", "full_clip"])
+def test_build_all_loads_local_llama_and_clip_directories(tmp_path, llm_dir, layout):
+    reference_tower = _save_clip(tmp_path, layout)
+    reference_llm = LlamaForCausalLM.from_pretrained(llm_dir)
+    cfg = compose_config([f"model.llm.path={llm_dir}", f"model.vision_tower.path={tmp_path}"])
+    model, tokenizer, processor = build_all(cfg)
+
+    assert model.config.hidden_size == 48 and model.config.vision_config.image_size == 16  # read from the dirs
+    assert model.config.num_image_tokens == 4 and model.config.mm_vision_tower == str(tmp_path)
+    old_rows = reference_llm.get_input_embeddings().weight
+    for new, old in ((model.get_input_embeddings().weight, old_rows),
+                     (model.get_output_embeddings().weight, reference_llm.get_output_embeddings().weight)):
+        assert new.shape[0] == len(tokenizer) == old.shape[0] + 1  # the added <image> token
+        assert torch.equal(new[: old.shape[0]], old)
+        torch.testing.assert_close(new[-1], old.mean(dim=0))  # mean-initialised, never garbage
+    for key, value in reference_llm.model.layers[1].state_dict().items():
+        assert torch.equal(model.get_model().layers[1].state_dict()[key], value), key
+    for key, value in reference_tower.state_dict().items():
+        assert torch.equal(model.get_vision_tower().vision_tower.state_dict()[key], value), key
+    assert processor.crop_size == {"height": 16, "width": 16}
+
+    pixel_values = torch.randn(2, 3, 16, 16)
+    logits = model(input_ids=_prompt_ids(model, tokenizer, num_images=2), pixel_values=pixel_values).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_build_model_dtype_and_pretrained_projector(tmp_path, tokenizer_dir):
+    cfg = compose_config([f"model.tokenizer_path={tokenizer_dir}"])
+    tokenizer = build_tokenizer(cfg.model)
+    torch.manual_seed(0)
+    stage1 = build_model(cfg.model, tokenizer)
+    path = save_projector(stage1, tmp_path)
+    cfg = compose_config([f"model.tokenizer_path={tokenizer_dir}", f"model.pretrained_projector={path}",
+                          "model.llm.dtype=bfloat16", "model.vision_tower.freeze=false"])
+    torch.manual_seed(1)
+    model = build_model(cfg.model, tokenizer)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert all(p.requires_grad for p in model.parameters())
+    for key, value in projector_state_dict(stage1).items():
+        assert torch.equal(projector_state_dict(model)[key], value.to(torch.bfloat16)), key
+
+
+@pytest.mark.parametrize(
+    "overrides, error, message",
+    [
+        ([], ValueError, r"set model.tokenizer_path \(or model.llm.path\)"),
+        (["model.tokenizer_path=/no/such/dir"], FileNotFoundError, "model.tokenizer_path=/no/such/dir"),
+        (["model.llm.path=/no/such/llm"], FileNotFoundError, "model.llm.path=/no/such/llm"),
+        (["+TOK", "model.llm.path=+EMPTY"], FileNotFoundError, "model.llm.path=.* has no config.json"),
+        (["+TOK", "model.vision_tower.path=/no/clip"], FileNotFoundError, "model.vision_tower.path=/no/clip"),
+        (["+TOK", "model.vision_tower.path=+EMPTY"], FileNotFoundError, "model.vision_tower.path=.* no config.json"),
+        (["+TOK", "model.projector_type=mlp"], ValueError, "'mlp' .*model.projector_type"),
+        (["+TOK", "model.vision_tower.select_feature=cls"], ValueError, "model.vision_tower.select_feature"),
+        (["+TOK", "model.llm.dtype=fp8"], ValueError, "model.llm.dtype"),
+        (["+TOK", "model.pretrained_projector=/no/proj.bin"], FileNotFoundError, "model.pretrained_projector"),
+    ],
+)
+def test_user_errors_name_the_config_key(tmp_path, tokenizer_dir, overrides, error, message):
+    tokens = {"+TOK": f"model.tokenizer_path={tokenizer_dir}", "+EMPTY": str(tmp_path)}
+    resolved = [tokens.get(o, o.replace("+EMPTY", str(tmp_path))) for o in overrides]
+    with pytest.raises(error, match=message):
+        build_all(compose_config(resolved))
+
+
+def test_processor_and_tower_size_mismatch_is_reported(tmp_path, tokenizer_dir):
+    CLIPVisionModel(CLIPVisionConfig(**TINY_VISION)).save_pretrained(tmp_path)
+    CLIPImageProcessorPil(size={"shortest_edge": 24}, crop_size={"height": 24, "width": 24}).save_pretrained(tmp_path)
+    cfg = compose_config([f"model.tokenizer_path={tokenizer_dir}", f"model.vision_tower.path={tmp_path}"])
+    with pytest.raises(ValueError, match="crops to 24x24 but the vision tower expects 16x16"):
+        build_all(cfg)
+
+
+def test_a_saved_llava_model_can_be_the_llm_path(tmp_path, tokenizer_dir):
+    cfg = compose_config([f"model.tokenizer_path={tokenizer_dir}", "model.projector_type=linear"])
+    model, tokenizer, _ = build_all(cfg)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    reloaded, reloaded_tokenizer, _ = build_all(compose_config([f"model.llm.path={tmp_path}",
+                                                                "model.projector_type=linear"]))
+    assert len(reloaded_tokenizer) == len(tokenizer) == reloaded.config.vocab_size
+    assert reloaded.config.vision_config.to_dict() == model.config.vision_config.to_dict()
+    ids = _prompt_ids(model, tokenizer)
+    pixel_values = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = model.eval()(input_ids=ids, pixel_values=pixel_values).logits
+        assert torch.equal(reloaded.eval()(input_ids=ids, pixel_values=pixel_values).logits, expected)
