@@ -1,0 +1,117 @@
+"""Run directories: the one writer of LLaVA artifacts and the one loader, shared by trainer, eval, chat, export.
+
+A run directory (and every `checkpoint-N/` in it) holds:
+
+    mm_projector.bin          projector weights under LLaVA's keys (model.mm_projector.0.weight, ...)
+    adapter_model.safetensors + adapter_config.json     (stage2_lora)   or
+    model.safetensors + config.json                     (stage2_full: all weights)
+    config.json               the LlavaLlamaConfig (always)
+    tokenizer files           the prepared tokenizer (with <image> and pad)
+    preprocessor_config.json  the CLIP image processor
+    vir_config.yaml           the resolved Hydra config the run was made with
+
+Runs that save neither full weights nor an adapter (stage1) are rebuilt from the base directories named in
+`vir_config.yaml` (`model.llm.path`, `model.vision_tower.path`) plus `mm_projector.bin`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional, Tuple, Union
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from transformers import AutoTokenizer, CLIPImageProcessorPil, PreTrainedTokenizerBase
+
+from vir.models.builder import build_model
+from vir.models.llava_arch import LlavaLlamaForCausalLM
+from vir.models.projector import PROJECTOR_FILE, load_projector_state_dict, projector_state_dict
+
+logger = logging.getLogger(__name__)
+
+RUN_CONFIG_FILE = "vir_config.yaml"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+FULL_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+PathLike = Union[str, Path]
+
+
+def write_run_artifacts(
+    output_dir: PathLike,
+    model: torch.nn.Module,
+    state_dict: Optional[dict] = None,
+    image_processor=None,
+    tokenizer: Optional[PreTrainedTokenizerBase] = None,
+    run_config: Optional[DictConfig] = None,
+) -> None:
+    """Write everything but the adapter/full weights (the Trainer's `save_pretrained` writes those).
+
+    `state_dict`, when given (e.g. gathered by DeepSpeed), is the source of the projector weights; otherwise
+    the live model is. `model` may be a peft model.
+    """
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    projector = _projector_from_state_dict(state_dict) if state_dict is not None else None
+    torch.save(projector if projector else projector_state_dict(model), out / PROJECTOR_FILE)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.config.save_pretrained(str(out))
+    if image_processor is not None:
+        image_processor.save_pretrained(str(out))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    if run_config is not None:
+        OmegaConf.save(run_config, out / RUN_CONFIG_FILE, resolve=True)
+
+
+def _projector_from_state_dict(state_dict: dict) -> dict:
+    marker = "mm_projector."
+    return {
+        "model." + marker + key.rpartition(marker)[2]: tensor.detach().cpu().clone()
+        for key, tensor in state_dict.items()
+        if marker in key
+    }
+
+
+def load_run(
+    run_dir: PathLike, merge_adapter: bool = False
+) -> Tuple[torch.nn.Module, PreTrainedTokenizerBase, CLIPImageProcessorPil, DictConfig]:
+    """(model, tokenizer, image_processor, run_config) from a run directory or `checkpoint-N/`, in eval mode.
+
+    Full-weight runs load with `from_pretrained`; adapter and projector-only runs are rebuilt from the base
+    model the run config names, then get `mm_projector.bin` and the peft adapter on top. With
+    `merge_adapter`, LoRA is merged into the base weights and a plain LlavaLlamaForCausalLM is returned.
+    """
+    run = Path(run_dir)
+    config_file = run / RUN_CONFIG_FILE
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{run} is not a vir run directory: {RUN_CONFIG_FILE} is missing")
+    run_config = OmegaConf.load(config_file)
+    tokenizer = AutoTokenizer.from_pretrained(str(run))
+    image_processor = CLIPImageProcessorPil.from_pretrained(str(run))
+    if any((run / name).is_file() for name in FULL_WEIGHT_FILES):
+        model = LlavaLlamaForCausalLM.from_pretrained(str(run))
+    else:
+        model_cfg = run_config.model.copy()
+        _require_base(model_cfg, run)
+        model_cfg.pretrained_projector = None
+        model = build_model(model_cfg, tokenizer, image_aspect_ratio=run_config.data.image_aspect_ratio)
+        load_projector_state_dict(model, run / PROJECTOR_FILE)
+        if (run / ADAPTER_CONFIG_FILE).is_file():
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(run))
+            if merge_adapter:
+                model = model.merge_and_unload()
+    model.eval()
+    return model, tokenizer, image_processor, run_config
+
+
+def _require_base(model_cfg: DictConfig, run: Path) -> None:
+    missing = [key for key, value in (("model.llm.path", model_cfg.llm.path),
+                                      ("model.vision_tower.path", model_cfg.vision_tower.path)) if not value]
+    if missing:
+        raise ValueError(
+            f"{run} holds no full weights and its config has no {' / '.join(missing)}: the base model it was "
+            "trained from cannot be rebuilt. Train from local base directories, or use training.mode=stage2_full."
+        )
