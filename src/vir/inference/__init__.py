@@ -1,0 +1,1 @@
+"""Inference on trained models: batched greedy generation and exact-match evaluation."""

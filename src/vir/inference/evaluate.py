@@ -1,0 +1,110 @@
+"""Exact-match VQA evaluation with a per-question-type breakdown and a blind (images blanked) baseline."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from vir.data.conversation import normalize_record
+from vir.data.images import black_image, load_image
+from vir.data.synthetic import exact_match
+from vir.inference.generate import Query, generate_answers
+
+logger = logging.getLogger(__name__)
+
+UNTYPED = "all"
+
+
+@dataclass
+class EvalItem:
+    """One scored question: the prompt turns before the reference answer, the images and the reference."""
+
+    id: str
+    query: Query
+    reference: str
+    question_type: str
+    image_paths: List[str] = field(default_factory=list)
+
+
+@dataclass
+class EvalResult:
+    accuracy: float
+    n: int
+    per_type: Dict[str, Dict[str, float]]
+    predictions: List[dict]
+
+    def to_dict(self) -> dict:
+        return {"accuracy": self.accuracy, "n": self.n, "per_type": self.per_type}
+
+
+def load_eval_items(data_path: str | Path, image_folder: Optional[str | Path] = None) -> List[EvalItem]:
+    """Items from a LLaVA-format file: each record's last assistant turn is the reference, the turns
+    before it the prompt. `answer` / `question_type` record keys are used when present."""
+    path = Path(data_path)
+    folder = Path(image_folder) if image_folder else path.parent
+    raw_records = json.loads(path.read_text(encoding="utf-8"))
+    items = []
+    for index, raw in enumerate(raw_records):
+        record = normalize_record(raw, index)
+        last = max(k for k, m in enumerate(record.messages) if m.role == "assistant")
+        images = []
+        for image_path in record.images:
+            image, status = load_image(image_path, folder)
+            if image is None:
+                raise FileNotFoundError(f"evaluation record {record.id!r}: image {image_path} is {status}")
+            images.append(image)
+        reference = raw.get("answer", record.messages[last].content)
+        items.append(EvalItem(record.id, Query(list(record.messages[:last]), images), reference,
+                              raw.get("question_type", UNTYPED), list(record.images)))
+    return items
+
+
+def blank(items: Sequence[EvalItem]) -> List[EvalItem]:
+    """The same items with every image replaced by a black image of the same size (the blind baseline)."""
+    return [EvalItem(i.id, Query(i.query.messages, [black_image(im.size) for im in i.query.images]),
+                     i.reference, i.question_type, i.image_paths) for i in items]
+
+
+def score(items: Sequence[EvalItem], predictions: Sequence[str]) -> EvalResult:
+    """Exact match (normalised) overall and per question type."""
+    hits: Dict[str, List[bool]] = defaultdict(list)
+    rows = []
+    for item, prediction in zip(items, predictions):
+        ok = exact_match(prediction, item.reference)
+        hits[item.question_type].append(ok)
+        rows.append({"id": item.id, "type": item.question_type, "prediction": prediction,
+                     "reference": item.reference, "correct": ok})
+    total = [ok for values in hits.values() for ok in values]
+    per_type = {t: {"accuracy": sum(v) / len(v), "n": len(v)} for t, v in sorted(hits.items())}
+    return EvalResult(sum(total) / max(len(total), 1), len(total), per_type, rows)
+
+
+def evaluate(model, tokenizer, image_processor, items: Sequence[EvalItem], *, template: str = "llama3",
+             image_aspect_ratio: str = "pad", system_prompt: Optional[str] = None, max_new_tokens: int = 24,
+             batch_size: int = 32, progress: bool = True) -> EvalResult:
+    """Generate greedily for every item and score exact match."""
+    predictions = generate_answers(model, tokenizer, image_processor, [i.query for i in items],
+                                   template=template, image_aspect_ratio=image_aspect_ratio,
+                                   system_prompt=system_prompt, max_new_tokens=max_new_tokens,
+                                   batch_size=batch_size, progress=progress)
+    return score(items, predictions)
+
+
+def evaluate_with_blind(model, tokenizer, image_processor, items: Sequence[EvalItem], **kwargs) -> dict:
+    """`metrics.json` content: accuracy with images and with images blanked, overall and per type."""
+    seen = evaluate(model, tokenizer, image_processor, items, **kwargs)
+    blind = evaluate(model, tokenizer, image_processor, blank(items), **kwargs)
+    per_type = {
+        t: {"accuracy": v["accuracy"], "blind_accuracy": blind.per_type[t]["accuracy"], "n": v["n"]}
+        for t, v in seen.per_type.items()
+    }
+    return {"accuracy": seen.accuracy, "blind_accuracy": blind.accuracy, "n": seen.n, "per_type": per_type,
+            "predictions": seen.predictions}
+
+
+__all__ = ["EvalItem", "EvalResult", "blank", "evaluate", "evaluate_with_blind", "load_eval_items",
+           "score"]

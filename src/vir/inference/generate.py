@@ -1,0 +1,85 @@
+"""Batched greedy generation for LLaVA models: prompts built by the same templates that built training data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from vir.data.conversation import Message, build_generation_prompt
+from vir.data.images import preprocess_images
+
+
+@dataclass
+class Query:
+    """One generation request: a conversation ending with a user turn, and its images in tag order."""
+
+    messages: List[Message]
+    images: List[Image.Image] = field(default_factory=list)
+
+
+def question_query(question: str, images: Sequence[Image.Image] = ()) -> Query:
+    """A single-turn query; one `<image>` tag per image is put in front of the question when it has none."""
+    if images and "<image>" not in question:
+        question = "<image>\n" * len(images) + question
+    return Query([Message("user", question)], list(images))
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad id lists to `[B, T]` for generation; returns (input_ids, attention_mask)."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq) :] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def generate_answers(
+    model,
+    tokenizer,
+    image_processor,
+    queries: Sequence[Query],
+    *,
+    template: str = "llama3",
+    image_aspect_ratio: str = "pad",
+    system_prompt: Optional[str] = None,
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> List[str]:
+    """Greedy answers (decoded, special tokens stripped) for `queries`, in order."""
+    config = model.config
+    was_training = model.training
+    model.eval()
+    answers: List[str] = []
+    batches = range(0, len(queries), batch_size)
+    for start in tqdm(batches, desc="generating", unit="batch", disable=not progress):
+        batch = queries[start : start + batch_size]
+        prompts = [
+            build_generation_prompt(q.messages, tokenizer, template, config.image_token_id,
+                                    config.num_image_tokens, system_prompt)
+            for q in batch
+        ]
+        input_ids, attention_mask = left_pad(prompts, tokenizer.pad_token_id)
+        images = [image for q in batch for image in q.images]
+        pixel_values = preprocess_images(images, image_processor, image_aspect_ratio) if images else None
+        device = next(model.parameters()).device
+        output = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            pixel_values=None if pixel_values is None else pixel_values.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        new_tokens = output[:, input_ids.shape[1] :]
+        answers.extend(t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    model.train(was_training)
+    return answers

@@ -1,0 +1,152 @@
+"""Trainer callbacks: a sample visualiser (PNG grid + wandb.Table), loss/accuracy curves, data counters."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+
+class SampleVisualizerCallback(TrainerCallback):
+    """Greedy answers for K fixed validation samples at every evaluation and at the end of training.
+
+    Always writes `samples/step-N.png` into the run directory; logs a `wandb.Table` (image, prompt,
+    prediction, reference) when a wandb run is active. `predict(model, samples) -> list[str]` does the
+    generation (`vir.inference.generate.generate_answers` bound to the run's tokenizer and processor).
+    """
+
+    def __init__(self, samples: Sequence, predict: Callable, output_dir: str | Path):
+        self.samples = list(samples)
+        self.predict = predict
+        self.output_dir = Path(output_dir)
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        self._visualise(model, state.global_step, args)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self._visualise(model, state.global_step, args)
+
+    def _visualise(self, model, step: int, args) -> None:
+        if model is None or not self.samples or not args.should_save:
+            return
+        predictions = self.predict(model, self.samples)
+        path = self.output_dir / "samples" / f"step-{step}.png"
+        write_sample_grid(path, self.samples, predictions, title=f"step {step}")
+        logger.info("wrote %s", path)
+        _log_wandb_table(self.samples, predictions, step)
+
+
+def write_sample_grid(path: Path, samples: Sequence, predictions: Sequence[str], title: str = "") -> Path:
+    """PNG grid: each cell the sample's first image with prompt, prediction (✓/✗) and reference."""
+    from vir.data.synthetic import exact_match
+
+    n = len(samples)
+    cols = min(4, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.6 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, sample, prediction in zip(axes.flat, samples, predictions):
+        if sample.query.images:
+            ax.imshow(sample.query.images[0])
+        ok = exact_match(prediction, sample.reference)
+        prompt = sample.query.messages[-1].content.replace("<image>", "").strip()
+        ax.set_title(f"{_wrap(prompt)}\npred: {_wrap(prediction)}\nref: {_wrap(sample.reference)}",
+                     fontsize=7, color="darkgreen" if ok else "darkred")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _wrap(text: str, width: int = 40) -> str:
+    text = "".join(ch if ch.isprintable() else "?" for ch in text)  # untrained models emit control bytes
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _log_wandb_table(samples: Sequence, predictions: Sequence[str], step: int) -> None:
+    try:
+        import wandb
+    except ImportError:
+        return
+    if wandb.run is None:
+        return
+    table = wandb.Table(columns=["image", "prompt", "prediction", "reference"])
+    for sample, prediction in zip(samples, predictions):
+        image = wandb.Image(sample.query.images[0]) if sample.query.images else None
+        table.add_data(image, sample.query.messages[-1].content, prediction, sample.reference)
+    wandb.log({"samples": table}, step=step)
+
+
+class CurvesCallback(TrainerCallback):
+    """At the end of training, `curves.png`: train/eval loss and eval token accuracy over steps."""
+
+    def __init__(self, output_dir: str | Path):
+        self.output_dir = Path(output_dir)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if args.should_save:
+            write_curves(self.output_dir / "curves.png", state.log_history)
+
+
+def write_curves(path: Path, log_history: List[dict]) -> Path:
+    """Plot `loss`, `eval_loss` and any `eval_*accuracy*` series from a Trainer log history."""
+    series = {"train loss": "loss", "eval loss": "eval_loss"}
+    accuracy_keys = sorted({k for row in log_history for k in row if k.startswith("eval_") and "accuracy" in k})
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for label, key in series.items():
+        points = [(row["step"], row[key]) for row in log_history if key in row]
+        if points:
+            ax_loss.plot(*zip(*points), label=label, marker="." if len(points) < 30 else None)
+    for key in accuracy_keys:
+        points = [(row["step"], row[key]) for row in log_history if key in row]
+        ax_acc.plot(*zip(*points), label=key.removeprefix("eval_"), marker=".")
+    ax_loss.set(xlabel="step", ylabel="loss", title="loss")
+    ax_acc.set(xlabel="step", ylabel="accuracy", title="eval accuracy", ylim=(0, 1.02))
+    for ax in (ax_loss, ax_acc):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+class DataStatsCallback(TrainerCallback):
+    """Reports the data pipeline's counters (fallback images, refused paths, truncated, skipped) in the logs
+    and, at the end, prints them and writes `data_stats.json`: a run never hides that it trained on
+    black images."""
+
+    def __init__(self, dataset, output_dir: str | Path):
+        self.dataset = dataset
+        self.output_dir = Path(output_dir)
+
+    def on_log(self, args, state, control, logs: Optional[dict] = None, **kwargs):
+        if logs is not None and "loss" in logs:
+            logs.update({f"data/{k}": v for k, v in self.dataset.stats().items() if v})
+
+    def on_train_end(self, args, state, control, **kwargs):
+        stats = self.dataset.stats()
+        fallback = stats.get("images_missing", 0) + stats.get("images_corrupt", 0)
+        message = ", ".join(f"{k}={v}" for k, v in stats.items())
+        (logger.warning if fallback or stats.get("images_refused") or stats.get("skipped") else logger.info)(
+            "data pipeline counters: %s", message)
+        print(f"data pipeline: {message}")
+        if args.should_save:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "data_stats.json").write_text(json.dumps(stats, indent=2))

@@ -1,0 +1,65 @@
+"""Training modes: which parameters train in `stage1`, `stage2_lora` and `stage2_full`.
+
+- stage1: projector only (LLM and vision tower frozen); LLaVA's feature-alignment pre-training.
+- stage2_lora: peft LoRA on the LLM's linear layers (never the projector, vision tower or lm_head), with
+  the projector fully trained.
+- stage2_full: LLM and projector fully trained.
+The vision tower stays frozen in every mode unless `model.vision_tower.freeze=false`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import List
+
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+MODES = ("stage1", "stage2_lora", "stage2_full")
+_EXCLUDED_FROM_LORA = ("mm_projector", "vision_tower", "lm_head")
+
+
+def lora_target_modules(model: nn.Module) -> List[str]:
+    """Short names of the LLM's linear layers (q_proj, ..., down_proj): LoRA's targets.
+
+    The projector, the vision tower and lm_head are excluded by name, whatever their layer types.
+    """
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and not any(key in name for key in _EXCLUDED_FROM_LORA):
+            names.add(name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def apply_training_mode(model: nn.Module, training_cfg, vision_tower_freeze: bool = True) -> nn.Module:
+    """Freeze/unfreeze (and wrap with LoRA for `stage2_lora`) according to `training.mode`.
+
+    Returns the model to train: the same object, or a `peft.PeftModel` around it.
+    """
+    mode = training_cfg.mode
+    if mode not in MODES:
+        raise ValueError(f"training.mode={mode!r} is not one of {', '.join(MODES)}")
+    base = model
+    if mode == "stage2_lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora_config = LoraConfig(
+            r=training_cfg.lora_r,
+            lora_alpha=training_cfg.lora_alpha,
+            lora_dropout=training_cfg.lora_dropout,
+            target_modules=lora_target_modules(base),
+            exclude_modules=r".*(mm_projector|vision_tower|lm_head).*",
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(base, lora_config)  # freezes every non-LoRA parameter
+    else:
+        base.requires_grad_(mode == "stage2_full")
+    inner = base.get_model()
+    inner.mm_projector.requires_grad_(True)
+    inner.vision_tower.requires_grad_(not vision_tower_freeze)
+    if mode == "stage2_full":
+        # Tied or not, lm_head trains with the LLM in full fine-tuning.
+        base.lm_head.requires_grad_(True)
+    return model

@@ -1,0 +1,129 @@
+"""One training run from a composed config: build, set the mode, train, save LLaVA artifacts."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from transformers import TrainingArguments, set_seed
+
+from vir.data.collator import DataCollatorForSupervisedDataset
+from vir.data.conversation import IGNORE_INDEX
+from vir.data.dataset import LazySupervisedDataset
+from vir.models.builder import build_all
+from vir.training.callbacks import CurvesCallback, DataStatsCallback, SampleVisualizerCallback
+from vir.training.modes import apply_training_mode
+from vir.training.trainer import LlavaTrainer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainOutcome:
+    output_dir: Path
+    global_step: int
+    train_loss: float
+    log_history: list
+    data_stats: dict
+
+
+def training_arguments(cfg: DictConfig, has_eval: bool) -> TrainingArguments:
+    """HF TrainingArguments from the `training` section (extra_args passed through verbatim)."""
+    t = cfg.training
+    eval_steps = t.eval_steps if has_eval else None
+    kwargs = dict(
+        output_dir=t.output_dir,
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay,
+        warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        lr_scheduler_type=t.lr_scheduler_type,
+        logging_steps=t.logging_steps,
+        eval_strategy="steps" if eval_steps else "no",
+        eval_steps=eval_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        bf16=t.bf16,
+        fp16=t.fp16,
+        activation_checkpointing=t.gradient_checkpointing,
+        report_to=list(t.report_to),
+        remove_unused_columns=False,
+        dataloader_num_workers=cfg.data.num_workers,
+        seed=cfg.seed,
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=False,
+    )
+    kwargs.update(OmegaConf.to_container(t.extra_args, resolve=True))
+    return TrainingArguments(**kwargs)
+
+
+def preprocess_logits_for_metrics(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Keep only the argmax ids during evaluation ([B, T] instead of [B, T, V])."""
+    return logits.argmax(dim=-1)
+
+
+def token_accuracy(eval_pred) -> dict:
+    """Next-token accuracy on trained (label != -100) positions."""
+    predictions, labels = eval_pred.predictions, eval_pred.label_ids
+    predictions, labels = np.asarray(predictions)[:, :-1], np.asarray(labels)[:, 1:]
+    mask = labels != IGNORE_INDEX
+    return {"token_accuracy": float((predictions[mask] == labels[mask]).mean()) if mask.any() else 0.0}
+
+
+def run_training(cfg: DictConfig, visualizer_samples: Optional[list] = None, predict=None) -> TrainOutcome:
+    """Train one stage as `cfg` says and write the final artifacts at `training.output_dir`'s root.
+
+    `visualizer_samples` + `predict` enable the sample visualiser (see callbacks.SampleVisualizerCallback).
+    """
+    os.environ.setdefault("WANDB_MODE", "offline")
+    set_seed(cfg.seed)
+    output_dir = Path(cfg.training.output_dir)
+    model, tokenizer, image_processor = build_all(cfg)
+    model = apply_training_mode(model, cfg.training, vision_tower_freeze=cfg.model.vision_tower.freeze)
+    if cfg.training.gradient_checkpointing:
+        model.enable_input_require_grads()
+    num_image_tokens = model.config.num_image_tokens
+    datasets = {
+        split: LazySupervisedDataset.from_config(cfg.data, split, tokenizer, image_processor,
+                                                 num_image_tokens=num_image_tokens,
+                                                 model_max_length=cfg.model.model_max_length)
+        for split in ("train", "eval")
+        if getattr(cfg.data, f"{split}_path")
+    }
+    if "train" not in datasets:
+        raise ValueError("data.train_path is not set: nothing to train on")
+    callbacks = [DataStatsCallback(datasets["train"], output_dir), CurvesCallback(output_dir)]
+    if visualizer_samples and predict is not None:
+        callbacks.append(SampleVisualizerCallback(visualizer_samples, predict, output_dir))
+    trainer = LlavaTrainer(
+        model=model,
+        args=training_arguments(cfg, has_eval="eval" in datasets),
+        train_dataset=datasets["train"],
+        eval_dataset=datasets.get("eval"),
+        data_collator=DataCollatorForSupervisedDataset(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        compute_metrics=token_accuracy if "eval" in datasets else None,
+        preprocess_logits_for_metrics=preprocess_logits_for_metrics if "eval" in datasets else None,
+        image_processor=image_processor,
+        run_config=cfg,
+        mm_projector_lr=cfg.training.mm_projector_lr,
+        vision_tower_lr=cfg.training.vision_tower_lr,
+        group_by_modality_length=cfg.training.group_by_modality_length,
+    )
+    result = trainer.train(resume_from_checkpoint=cfg.training.resume_from_checkpoint)
+    trainer.save_model(str(output_dir))
+    trainer.save_state()
+    return TrainOutcome(output_dir, trainer.state.global_step, result.training_loss,
+                        trainer.state.log_history, datasets["train"].stats())

@@ -1,0 +1,53 @@
+"""LLaVA's modality-grouped sampling: batches hold only multimodal or only text-only samples, of similar
+length, so padding is small and no batch mixes image and text-only work unevenly across ranks."""
+
+from __future__ import annotations
+
+from typing import Iterator, List, Optional, Sequence
+
+import torch
+from torch.utils.data import Sampler
+
+
+def modality_grouped_indices(
+    modality_lengths: Sequence[int], megabatch_size: int, generator: Optional[torch.Generator] = None
+) -> List[int]:
+    """A permutation of `range(len(modality_lengths))` (pure).
+
+    `modality_lengths` uses LLaVA's convention: `+length` multimodal, `-length` text-only. Each modality is
+    shuffled, cut into megabatches of `megabatch_size`, each megabatch sorted longest first; the megabatches of
+    both modalities are then shuffled together.
+    """
+    megabatches: List[List[int]] = []
+    for sign in (1, -1):
+        group = [i for i, length in enumerate(modality_lengths) if (length > 0) == (sign > 0)]
+        if not group:
+            continue
+        order = torch.randperm(len(group), generator=generator).tolist()
+        shuffled = [group[k] for k in order]
+        for start in range(0, len(shuffled), megabatch_size):
+            chunk = shuffled[start : start + megabatch_size]
+            megabatches.append(sorted(chunk, key=lambda i: -abs(modality_lengths[i])))
+    order = torch.randperm(len(megabatches), generator=generator).tolist()
+    return [i for k in order for i in megabatches[k]]
+
+
+class ModalityGroupedSampler(Sampler[int]):
+    """Sampler over `dataset.modality_lengths` (see `modality_grouped_indices`); new order every epoch."""
+
+    def __init__(self, modality_lengths: Sequence[int], megabatch_size: int, seed: int = 0):
+        self.modality_lengths = list(modality_lengths)
+        self.megabatch_size = megabatch_size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.modality_lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        self.epoch += 1
+        return iter(modality_grouped_indices(self.modality_lengths, self.megabatch_size, generator))

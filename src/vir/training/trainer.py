@@ -1,0 +1,129 @@
+"""`LlavaTrainer`: transformers' Trainer plus LLaVA's parameter groups and projector artifacts."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, Iterable, List, Optional
+
+from torch import nn
+from transformers import Trainer
+
+from vir.models.checkpoint import write_run_artifacts
+from vir.training.sampler import ModalityGroupedSampler
+
+logger = logging.getLogger(__name__)
+
+PROJECTOR_KEY = "mm_projector"
+VISION_TOWER_KEY = "vision_tower"
+
+
+def build_param_groups(
+    named_parameters: Iterable[tuple[str, nn.Parameter]],
+    decay_names: set[str],
+    learning_rate: float,
+    weight_decay: float,
+    mm_projector_lr: Optional[float] = None,
+    vision_tower_lr: Optional[float] = None,
+) -> List[Dict[str, Any]]:
+    """Split trainable parameters into optimizer groups (pure; unit-tested).
+
+    Groups are keyed by (component, decay): the projector gets `mm_projector_lr`, the vision tower
+    `vision_tower_lr`, everything else `learning_rate`; biases and norm weights (not in `decay_names`)
+    get no weight decay. Empty groups are dropped; frozen parameters never appear.
+    """
+    lrs = {"projector": mm_projector_lr, "vision_tower": vision_tower_lr, "llm": None}
+    buckets: Dict[tuple[str, bool], List[nn.Parameter]] = {}
+    for name, param in named_parameters:
+        if not param.requires_grad:
+            continue
+        if PROJECTOR_KEY in name:
+            component = "projector"
+        elif VISION_TOWER_KEY in name:
+            component = "vision_tower"
+        else:
+            component = "llm"
+        buckets.setdefault((component, name in decay_names), []).append(param)
+    groups = []
+    for (component, decay), params in sorted(buckets.items()):
+        lr = lrs[component] if lrs[component] is not None else learning_rate
+        groups.append(
+            {
+                "params": params,
+                "lr": lr,
+                "weight_decay": weight_decay if decay else 0.0,
+                "name": f"{component}{'' if decay else '_no_decay'}",
+            }
+        )
+    return groups
+
+
+class LlavaTrainer(Trainer):
+    """Trainer with per-component learning rates and LLaVA artifacts in every save.
+
+    Extra keyword arguments: `image_processor` and `run_config` (the resolved Hydra config) are written
+    next to the weights; `mm_projector_lr` / `vision_tower_lr` override the learning rate of those parts;
+    `group_by_modality_length` batches multimodal and text-only samples apart (LLaVA's sampler).
+    """
+
+    def __init__(
+        self,
+        *args,
+        image_processor=None,
+        run_config=None,
+        mm_projector_lr: Optional[float] = None,
+        vision_tower_lr: Optional[float] = None,
+        group_by_modality_length: bool = False,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        self.group_by_modality_length = group_by_modality_length
+        self.image_processor = image_processor
+        self.run_config = run_config
+        self.mm_projector_lr = mm_projector_lr
+        self.vision_tower_lr = vision_tower_lr
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if self.group_by_modality_length and hasattr(dataset, "modality_lengths"):
+            megabatch = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+            return ModalityGroupedSampler(dataset.modality_lengths, megabatch, seed=self.args.seed)
+        return super()._get_train_sampler(train_dataset)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None:
+            return self.optimizer
+        model = self.model if model is None else model
+        groups = build_param_groups(
+            model.named_parameters(),
+            set(self.get_decay_parameter_names(model)),
+            learning_rate=self.args.learning_rate,
+            weight_decay=self.args.weight_decay,
+            mm_projector_lr=self.mm_projector_lr,
+            vision_tower_lr=self.vision_tower_lr,
+        )
+        for group in groups:
+            logger.info(
+                "param group %-22s lr=%.2e wd=%.3g params=%d",
+                group["name"],
+                group["lr"],
+                group["weight_decay"],
+                sum(p.numel() for p in group["params"]),
+            )
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        optimizer_kwargs.pop("lr", None)
+        self.optimizer = optimizer_cls(groups, lr=self.args.learning_rate, **optimizer_kwargs)
+        return self.optimizer
+
+    def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        super()._save(output_dir, state_dict=state_dict)
+        if not self.args.should_save:
+            return
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        write_run_artifacts(
+            output_dir,
+            model,
+            state_dict=state_dict,
+            image_processor=self.image_processor,
+            run_config=self.run_config,
+        )
