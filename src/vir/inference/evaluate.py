@@ -106,5 +106,42 @@ def evaluate_with_blind(model, tokenizer, image_processor, items: Sequence[EvalI
             "predictions": seen.predictions}
 
 
-__all__ = ["EvalItem", "EvalResult", "blank", "evaluate", "evaluate_with_blind", "load_eval_items",
-           "score"]
+def evaluate_run(run_dir, split: str = "test", data_path: Optional[str] = None, limit: Optional[int] = None,
+                 blind: bool = True, max_new_tokens: int = 16, batch_size: int = 64,
+                 write: bool = True) -> dict:
+    """Load a run directory (`vir.models.checkpoint.load_run`), score `split` of its data (or `data_path`),
+    with the blind baseline beside it; writes `<run_dir>/metrics.json` unless `write=False`."""
+    from vir.models.checkpoint import load_run
+
+    model, tokenizer, image_processor, run_cfg = load_run(run_dir)
+    path = data_path or run_cfg.data.get(f"{split}_path")
+    if not path:
+        raise ValueError(f"{run_dir}: its config has no data.{split}_path; pass a data file explicitly")
+    items = load_eval_items(path, run_cfg.data.image_folder)[:limit]
+    kwargs = dict(template=run_cfg.data.template, image_aspect_ratio=run_cfg.data.image_aspect_ratio,
+                  system_prompt=run_cfg.data.system_prompt, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    if blind:
+        metrics = evaluate_with_blind(model, tokenizer, image_processor, items, **kwargs)
+    else:
+        result = evaluate(model, tokenizer, image_processor, items, **kwargs)
+        metrics = {**result.to_dict(), "predictions": result.predictions}
+    metrics.update({"split": split, "data_path": str(path)})
+    if write:
+        out = Path(run_dir)
+        (out / f"predictions_{split}.jsonl").write_text(
+            "".join(json.dumps(row) + "\n" for row in metrics["predictions"]))
+        summary = {k: v for k, v in metrics.items() if k != "predictions"}
+        (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    return {k: v for k, v in metrics.items() if k != "predictions"}
+
+
+def format_metrics(metrics: dict) -> str:
+    """A small table: overall and per-type accuracy beside the blind baseline."""
+    blind = "blind_accuracy" in metrics
+    lines = [f"{'type':<12}{'n':>6}{'accuracy':>10}" + (f"{'blind':>8}" if blind else "")]
+    for name, row in metrics["per_type"].items():
+        lines.append(f"{name:<12}{row['n']:>6}{row['accuracy']:>10.3f}"
+                     + (f"{row['blind_accuracy']:>8.3f}" if blind else ""))
+    lines.append(f"{'overall':<12}{metrics['n']:>6}{metrics['accuracy']:>10.3f}"
+                 + (f"{metrics['blind_accuracy']:>8.3f}" if blind else ""))
+    return "\n".join(lines)

@@ -151,11 +151,81 @@ class ValidateConfig:
 
 
 @dataclass
+class VisionPretrainConfig:
+    """Dense pretraining of a from-scratch CLIP vision tower (`vir.recipes.pretrain_vision_tower`): a stand-in
+    for CLIP's own pretraining when no pretrained tower exists. Linear heads read every patch of
+    `hidden_states[select_layer]` and predict its cell's occupied/colour/shape/size and row/column."""
+
+    max_steps: int = 1500
+    max_seconds: Optional[float] = None  # wall-clock cap on training (eval excluded); null = max_steps only
+    batch_size: int = 64
+    learning_rate: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_ratio: float = 0.05
+    bank_size: int = 4096  # training images rendered and normalised once, then reused (random order)
+    eval_size: int = 512  # held-out images (their own seed stream) for per-head accuracy
+    eval_every: int = 250
+    seed: int = 0
+
+
+@dataclass
+class LLMPretrainConfig:
+    """Causal-LM pretraining of a from-scratch Llama (`vir.recipes.pretrain_llm`) on the synthetic data set's
+    text rendered with the Llama-3 chat template, plus text-only "scene description -> question -> answer"
+    documents so the LLM learns to reason over object descriptions before it sees images."""
+
+    max_steps: int = 600
+    max_seconds: Optional[float] = None  # wall-clock cap on training (eval excluded); null = max_steps only
+    batch_size: int = 32
+    learning_rate: float = 3e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.05
+    max_length: int = 256  # tokens per document; longer ones are cut
+    num_scene_qa: int = 20000  # text-only scene-description QA documents (0 = none)
+    eval_size: int = 200  # held-out scene-description questions scored by exact match (0 = no eval)
+    eval_every: int = 200
+    seed: int = 0
+
+
+@dataclass
+class BasesConfig:
+    """The embedded default's own "pretrained" CLIP tower and Llama (`vir.recipes.build_bases`), built from
+    scratch on the synthetic data and saved as local HF directories under `output_dir` (`clip/`, `llm/`),
+    then consumed through `model.vision_tower.path` / `model.llm.path` like any downloaded checkpoint."""
+
+    output_dir: str = "runs/bases"
+    vision: VisionPretrainConfig = field(default_factory=VisionPretrainConfig)
+    llm: LLMPretrainConfig = field(default_factory=LLMPretrainConfig)
+
+
+@dataclass
+class RecipeConfig:
+    """What `vir-train` runs.
+
+    `single`: one training stage exactly as `training.*` and `data.*` say (a user's own data and bases).
+    `synthetic_llava`: the embedded default end to end: synthetic data (`data.synthetic`), tiny base models
+    trained from scratch (`bases`), stage-1 projector alignment (`recipe.stage1`, plain template on captions),
+    stage-2 instruction tuning (`training`), then held-out test accuracy with a blind baseline.
+    """
+
+    name: str = "single"  # single | synthetic_llava
+    stage1: TrainingConfig = field(
+        default_factory=lambda: TrainingConfig(mode="stage1", learning_rate=1e-3, output_dir="stage1")
+    )
+    eval_split: str = "test"
+    eval_max_new_tokens: int = 16
+    eval_batch_size: int = 64
+    num_visualizer_samples: int = 8
+
+
+@dataclass
 class VirConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
+    bases: BasesConfig = field(default_factory=BasesConfig)
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
     seed: int = 42
     experiment_name: str = "default"
 

@@ -1,0 +1,93 @@
+"""`vir-chat RUN_DIR --image PATH --prompt TEXT` for one answer, or `vir-chat RUN_DIR [--image PATH]` for an
+interactive session (commands: `/image PATH` switches image, `/reset` clears history, `/quit`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+from vir.data.conversation import Message
+from vir.data.images import to_rgb
+from vir.inference.generate import Query, generate_answers
+from vir.models.checkpoint import load_run
+
+
+class ChatSession:
+    """Multi-turn chat state: the image goes in front of the first user turn, history is kept."""
+
+    def __init__(self, model, tokenizer, image_processor, run_cfg, max_new_tokens: int = 64):
+        self.model, self.tokenizer, self.image_processor = model, tokenizer, image_processor
+        self.run_cfg = run_cfg
+        self.max_new_tokens = max_new_tokens
+        self.reset()
+
+    def reset(self, image: Image.Image | None = None) -> None:
+        self.image = image
+        self.messages: list[Message] = []
+
+    def ask(self, prompt: str) -> str:
+        if not self.messages and self.image is not None and "<image>" not in prompt:
+            prompt = "<image>\n" + prompt
+        self.messages.append(Message("user", prompt))
+        data = self.run_cfg.data
+        answer = generate_answers(self.model, self.tokenizer, self.image_processor,
+                                  [Query(list(self.messages), [self.image] if self.image is not None else [])],
+                                  template=data.template, image_aspect_ratio=data.image_aspect_ratio,
+                                  system_prompt=data.system_prompt, max_new_tokens=self.max_new_tokens)[0]
+        self.messages.append(Message("assistant", answer))
+        return answer
+
+
+def open_image(path: str) -> Image.Image:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    with Image.open(path) as img:
+        img.load()
+        return to_rgb(img)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="vir-chat", description=__doc__)
+    parser.add_argument("run_dir")
+    parser.add_argument("--image", default=None)
+    parser.add_argument("--prompt", default=None, help="answer once and exit")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        model, tokenizer, image_processor, run_cfg = load_run(args.run_dir)
+        session = ChatSession(model, tokenizer, image_processor, run_cfg, args.max_new_tokens)
+        session.reset(open_image(args.image) if args.image else None)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"vir-chat: {err}", file=sys.stderr)
+        sys.exit(2)
+    if args.prompt is not None:
+        print(session.ask(args.prompt))
+        return
+    print("vir-chat: type a message; /image PATH, /reset, /quit")
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line:
+            continue
+        if line == "/quit":
+            break
+        if line == "/reset":
+            session.reset(session.image)
+        elif line.startswith("/image "):
+            try:
+                session.reset(open_image(line.split(" ", 1)[1].strip()))
+            except (FileNotFoundError, OSError) as err:
+                print(f"error: {err}")
+        else:
+            print(f"assistant> {session.ask(line)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
