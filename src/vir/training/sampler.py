@@ -15,10 +15,13 @@ def modality_grouped_indices(
     """A permutation of `range(len(modality_lengths))` (pure).
 
     `modality_lengths` uses LLaVA's convention: `+length` multimodal, `-length` text-only. Each modality is
-    shuffled, cut into megabatches of `megabatch_size`, each megabatch sorted longest first; the megabatches of
-    both modalities are then shuffled together.
+    shuffled, cut into megabatches of `megabatch_size`, each megabatch sorted longest first; the full
+    megabatches of both modalities are then shuffled together and the (at most two) partial ones go last, as in
+    LLaVA: a partial megabatch in the middle would shift every later batch boundary, so batches (of a size
+    dividing `megabatch_size`) would straddle two megabatches and mix modalities; at the end only the tail can.
     """
-    megabatches: List[List[int]] = []
+    full: List[List[int]] = []
+    partial: List[List[int]] = []
     for sign in (1, -1):
         group = [i for i, length in enumerate(modality_lengths) if (length > 0) == (sign > 0)]
         if not group:
@@ -26,10 +29,10 @@ def modality_grouped_indices(
         order = torch.randperm(len(group), generator=generator).tolist()
         shuffled = [group[k] for k in order]
         for start in range(0, len(shuffled), megabatch_size):
-            chunk = shuffled[start : start + megabatch_size]
-            megabatches.append(sorted(chunk, key=lambda i: -abs(modality_lengths[i])))
-    order = torch.randperm(len(megabatches), generator=generator).tolist()
-    return [i for k in order for i in megabatches[k]]
+            chunk = sorted(shuffled[start : start + megabatch_size], key=lambda i: -abs(modality_lengths[i]))
+            (full if len(chunk) == megabatch_size else partial).append(chunk)
+    order = torch.randperm(len(full), generator=generator).tolist()
+    return [i for k in order for i in full[k]] + [i for chunk in partial for i in chunk]
 
 
 class ModalityGroupedSampler(Sampler[int]):
