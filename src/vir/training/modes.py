@@ -4,7 +4,8 @@
 - stage2_lora: peft LoRA on the LLM's linear layers (never the projector, vision tower or lm_head), with
   the projector fully trained.
 - stage2_full: LLM and projector fully trained.
-The vision tower stays frozen in every mode unless `model.vision_tower.freeze=false`.
+The vision tower stays frozen in every mode unless `model.vision_tower.freeze=false` (stage1 and stage2_full
+only: a LoRA run saves the adapter and the projector, which would not hold a trained tower).
 """
 
 from __future__ import annotations
@@ -40,6 +41,11 @@ def apply_training_mode(model: nn.Module, training_cfg, vision_tower_freeze: boo
     mode = training_cfg.mode
     if mode not in MODES:
         raise ValueError(f"training.mode={mode!r} is not one of {', '.join(MODES)}")
+    if mode == "stage2_lora" and not vision_tower_freeze:
+        # The adapter and mm_projector.bin are all a LoRA run saves: a trained tower would be lost on reload.
+        raise ValueError("training.mode=stage2_lora cannot train the vision tower (model.vision_tower.freeze=false): "
+                         "its weights would be in neither the adapter nor mm_projector.bin. Keep the tower frozen "
+                         "or use training.mode=stage2_full")
     base = model
     if mode == "stage2_lora":
         from peft import LoraConfig, get_peft_model

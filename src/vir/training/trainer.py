@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
+import torch
 from torch import nn
 from transformers import Trainer
 
 from vir.models.checkpoint import write_run_artifacts
+from vir.models.projector import PROJECTOR_FILE, load_projector_state_dict
 from vir.training.sampler import ModalityGroupedSampler
 
 logger = logging.getLogger(__name__)
@@ -114,9 +118,25 @@ class LlavaTrainer(Trainer):
         self.optimizer = optimizer_cls(groups, lr=self.args.learning_rate, **optimizer_kwargs)
         return self.optimizer
 
+    def _saves_projector_only(self) -> bool:
+        """True when only the projector trains and the run config names the base directories (stage1).
+
+        Then, as in LLaVA's pre-training, a save is `mm_projector.bin` plus config, not another copy of the
+        frozen LLM and tower: `load_run` rebuilds those from `model.llm.path` / `model.vision_tower.path`.
+        """
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        model_cfg = getattr(self.run_config, "model", None)
+        if hasattr(model, "peft_config") or model_cfg is None:
+            return False
+        if not (model_cfg.llm.path and model_cfg.vision_tower.path):
+            return False  # a random-init base cannot be rebuilt: keep the full weights
+        return all(PROJECTOR_KEY in name for name, param in model.named_parameters() if param.requires_grad)
+
     def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        super()._save(output_dir, state_dict=state_dict)
+        projector_only = self._saves_projector_only()
+        if not projector_only:
+            super()._save(output_dir, state_dict=state_dict)
         if not self.args.should_save:
             return
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
@@ -125,5 +145,34 @@ class LlavaTrainer(Trainer):
             model,
             state_dict=state_dict,
             image_processor=self.image_processor,
+            tokenizer=self.processing_class if projector_only else None,
             run_config=self.run_config,
         )
+        if projector_only:
+            torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Also restore `mm_projector.bin`: a peft adapter does not hold the projector, and projector-only
+        (stage1) checkpoints hold nothing else, which the base Trainer refuses as "not a valid checkpoint"."""
+        if not _is_projector_only(resume_from_checkpoint):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+        _load_projector_if_saved(self.model if model is None else model, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        if not _is_projector_only(self.state.best_model_checkpoint):
+            super()._load_best_model()
+        _load_projector_if_saved(self.model, self.state.best_model_checkpoint)
+
+
+def _is_projector_only(checkpoint: str) -> bool:
+    """A checkpoint with `mm_projector.bin` and neither full weights nor an adapter."""
+    directory = Path(checkpoint)
+    weights = [*directory.glob("*.safetensors"), *directory.glob("pytorch_model*.bin"),
+               *directory.glob("adapter_model.bin")]
+    return (directory / PROJECTOR_FILE).is_file() and not weights
+
+
+def _load_projector_if_saved(model: nn.Module, checkpoint: str) -> None:
+    projector_file = Path(checkpoint) / PROJECTOR_FILE
+    if projector_file.is_file():
+        load_projector_state_dict(model, projector_file)
