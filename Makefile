@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 train: $(STAMP)
-	$(VENV)/bin/vir-validate experiment=local_debug
+	$(VENV)/bin/vir-train experiment=local_debug
 
 test: $(STAMP)
 	@$(PY) -m pytest -q; rc=$$?; \
