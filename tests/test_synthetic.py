@@ -310,3 +310,12 @@ def test_normalize_and_exact_match():
     assert not exact_match("two", "three") and not exact_match("2", "two")
     records = [{"question_type": "count", "answer": "two"}, {"question_type": "exists", "answer": "yes"}]
     assert accuracy_by_type(["Two", "no"], records) == {"count": 1.0, "exists": 0.0, "overall": 0.5}
+
+
+def test_spec_from_the_composed_config_is_plain_python():
+    from vir.data.synthetic import as_spec, spec_hash
+    from vir.utils.config import compose_config
+
+    spec = as_spec(compose_config().data.synthetic)
+    assert type(spec.colours) is list and type(spec.question_mix) is dict
+    assert spec_hash(spec)  # json-serialisable

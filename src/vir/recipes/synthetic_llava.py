@@ -58,7 +58,7 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
 
     run_dir = Path(cfg.training.output_dir)
     paths = generate(run_dir / "data", cfg.data.synthetic)
-    llm_dir, clip_dir = build_bases(cfg, paths)
+    llm_dir, clip_dir = build_bases(cfg.bases.output_dir, cfg, tokenizer_dir=paths.tokenizer)
     stages = stage_configs(cfg, paths.root, llm_dir, clip_dir)
 
     logger.info("stage 1: projector alignment -> %s", stages["stage1"].training.output_dir)

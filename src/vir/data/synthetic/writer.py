@@ -61,9 +61,9 @@ def as_spec(spec: Any = None) -> SyntheticConfig:
         return SyntheticConfig()
     if isinstance(spec, SyntheticConfig):
         return spec
-    if not isinstance(spec, Mapping):  # an OmegaConf DictConfig
-        from omegaconf import OmegaConf
+    from omegaconf import OmegaConf
 
+    if OmegaConf.is_config(spec):  # a DictConfig is a Mapping too, but holds ListConfig/DictConfig values
         spec = OmegaConf.to_container(spec, resolve=True)
     known = {f.name for f in dataclasses.fields(SyntheticConfig)}
     unknown = sorted(set(spec) - known)
