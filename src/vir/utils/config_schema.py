@@ -181,6 +181,7 @@ class LLMPretrainConfig:
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05
     max_length: int = 256  # tokens per document; longer ones are cut
+    loss_on: str = "all"  # all (plain causal LM) | assistant (only what LLaVA's llama3 template trains)
     num_scene_qa: int = 20000  # text-only scene-description QA documents (0 = none)
     eval_size: int = 200  # held-out scene-description questions scored by exact match (0 = no eval)
     eval_every: int = 200

@@ -1,0 +1,58 @@
+"""The embedded default's own base models: a tiny "pretrained" CLIP tower and Llama, built from scratch.
+
+Nothing downloads here, yet the LLaVA recipe wants a pretrained vision tower and LLM. `build_bases` makes
+both on the synthetic data and saves them as ordinary local HF directories, which the recipe then reads
+through `model.vision_tower.path` and `model.llm.path` exactly as it reads a user's CLIP-ViT-L/336 and
+Llama-3 directories; nothing downstream knows they were made here.
+
+    llm_dir, clip_dir = build_bases(cfg.bases.output_dir, cfg)   # idempotent: a finished base is reused
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional, Tuple
+
+from vir.data.synthetic import as_spec, corpus_texts, generate
+from vir.recipes.common import PathLike, as_dataclass, plain
+from vir.recipes.llm_base import pretrain_llm
+from vir.recipes.scene_text import scene_qa_examples
+from vir.recipes.vision_base import pretrain_vision_tower
+from vir.utils.config_schema import BasesConfig
+
+logger = logging.getLogger(__name__)
+
+CLIP_SUBDIR = "clip"
+LLM_SUBDIR = "llm"
+# Seed streams of the LLM's scene-QA documents: training and held-out evaluation never share scenes' draws.
+_QA_TRAIN_STREAM, _QA_EVAL_STREAM = 10, 11
+
+
+def build_bases(root: PathLike, cfg: Any, tokenizer_dir: Optional[PathLike] = None) -> Tuple[Path, Path]:
+    """Pretrain (or reuse) the CLIP tower under `root/clip` and the Llama under `root/llm`; return
+    `(llm_dir, clip_dir)`, ready for `model.llm.path` / `model.vision_tower.path`.
+
+    `cfg` is the composed config: sizes come from `model.vision_tower` / `model.llm`, data from
+    `data.synthetic`, budgets from `bases`. The Llama's vocabulary is the synthetic data set's tokenizer:
+    `tokenizer_dir`, else the `tokenizer/` of the data set at `data.image_folder` (generated when missing;
+    `generate` returns at once when it is already there).
+    """
+    root = Path(root)
+    spec = as_spec(plain(cfg.data.synthetic))
+    bases = as_dataclass(BasesConfig, getattr(cfg, "bases", None))
+    if tokenizer_dir is None:
+        if not cfg.data.image_folder:
+            raise ValueError("build_bases needs the synthetic tokenizer: set data.image_folder to the synthetic data "
+                             "set's root (or pass tokenizer_dir)")
+        tokenizer_dir = generate(cfg.data.image_folder, spec).tokenizer
+    clip_dir, llm_dir = root / CLIP_SUBDIR, root / LLM_SUBDIR
+    pretrain_vision_tower(clip_dir, spec, cfg.model.vision_tower, bases.vision)
+    llm_cfg = bases.llm
+    documents = corpus_texts(spec) + [
+        example["messages"] for example in scene_qa_examples(spec, llm_cfg.num_scene_qa, llm_cfg.seed, _QA_TRAIN_STREAM)
+    ]
+    eval_examples = scene_qa_examples(spec, llm_cfg.eval_size, llm_cfg.seed, _QA_EVAL_STREAM)
+    pretrain_llm(llm_dir, tokenizer_dir, documents, cfg.model.llm, llm_cfg, eval_examples=eval_examples)
+    logger.info("base models ready: model.llm.path=%s model.vision_tower.path=%s", llm_dir, clip_dir)
+    return llm_dir, clip_dir

@@ -1,0 +1,106 @@
+"""Pieces shared by the base-model recipes: config coercion, run fingerprints, metrics files, the optimiser."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Dict, Iterable, Mapping, Optional, Type, TypeVar, Union
+
+import torch
+from transformers import get_cosine_schedule_with_warmup
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, Path]
+T = TypeVar("T")
+
+METRICS_FILE = "pretrain_metrics.json"
+# Bump when a recipe's output changes for the same config, so stale bases are rebuilt.
+RECIPE_VERSION = 1
+
+
+def as_dataclass(cls: Type[T], cfg: Any) -> T:
+    """`cls` from an instance of itself, None (defaults), a dict or an OmegaConf node; nested sections too.
+
+    Unknown keys raise ValueError naming them, as Hydra's schema would."""
+    if cfg is None:
+        return cls()
+    if isinstance(cfg, cls):
+        return cfg
+    cfg = plain(cfg)
+    if not isinstance(cfg, Mapping):
+        raise TypeError(f"expected a {cls.__name__}, a dict or an OmegaConf node, got {type(cfg).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(cfg) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys {unknown}; known keys: {sorted(fields)}")
+    values = {}
+    for name, value in cfg.items():
+        nested = _field_dataclass(cls, name)
+        values[name] = as_dataclass(nested, value) if nested is not None else value
+    return cls(**values)
+
+
+def plain(cfg: Any) -> Any:
+    """An OmegaConf node as plain dicts/lists (a DictConfig passes `isinstance(_, Mapping)` but its lists are
+    ListConfigs, which neither dataclasses nor json expect); anything else unchanged."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
+
+
+def _field_dataclass(cls: type, name: str) -> Optional[type]:
+    default = next(f for f in dataclasses.fields(cls) if f.name == name).default_factory
+    if default is dataclasses.MISSING:
+        return None
+    probe = default()
+    return type(probe) if dataclasses.is_dataclass(probe) else None
+
+
+def fingerprint(payload: Mapping[str, Any]) -> str:
+    """A short stable hash of a JSON-able description of what a recipe would build."""
+    text = json.dumps({"recipe_version": RECIPE_VERSION, **payload}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def finished_metrics(out_dir: PathLike, digest: str, required: Iterable[str]) -> Optional[Dict[str, Any]]:
+    """The saved metrics of a finished run with this fingerprint (all `required` files present), else None."""
+    out_dir = Path(out_dir)
+    try:
+        metrics = json.loads((out_dir / METRICS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if metrics.get("fingerprint") != digest or not all((out_dir / name).is_file() for name in required):
+        return None
+    return metrics
+
+
+def write_metrics(out_dir: PathLike, metrics: Mapping[str, Any]) -> None:
+    """Write `pretrain_metrics.json` atomically; written last, so an interrupted run is redone next time."""
+    path = Path(out_dir) / METRICS_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(metrics, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def clear_metrics(out_dir: PathLike) -> None:
+    (Path(out_dir) / METRICS_FILE).unlink(missing_ok=True)
+
+
+def adamw_cosine(
+    params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float, warmup_ratio: float, steps: int
+):
+    """AdamW with linear warmup then cosine decay to 0 over `steps` (decay only on matrices, not norms/biases)."""
+    params = [p for p in params if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-8)
+    warmup = math.ceil(warmup_ratio * steps)
+    return optimizer, get_cosine_schedule_with_warmup(optimizer, warmup, max(steps, 1))

@@ -1,0 +1,243 @@
+"""Base-model recipes: the from-scratch CLIP tower and Llama load as HF directories, learn, and are reused."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPVisionModel, LlamaForCausalLM
+
+from vir.data.conversation import IGNORE_INDEX, build_example
+from vir.data.images import preprocess_images
+from vir.data.synthetic import SyntheticConfig, corpus_texts, labelled_scene, sample_scene
+from vir.recipes import (
+    DENSE_HEADS,
+    build_bases,
+    encode_document,
+    pretrain_llm,
+    pretrain_vision_tower,
+    scene_description,
+    scene_qa_examples,
+    to_messages,
+)
+from vir.recipes.common import METRICS_FILE
+from vir.recipes.vision_base import clip_image_processor, dense_labels, render_bank
+from vir.utils.config import compose_config
+from vir.utils.config_schema import LLMConfig, LLMPretrainConfig, VisionPretrainConfig, VisionTowerConfig
+
+SPEC = SyntheticConfig(num_stage1=40, num_train=80, num_eval=10, num_test=10, vocab_size=400)
+TOWER = VisionTowerConfig(image_size=64, patch_size=16, hidden_size=32, intermediate_size=64,
+                          num_hidden_layers=2, num_attention_heads=2, select_layer=-1)
+VISION = VisionPretrainConfig(max_steps=40, batch_size=32, learning_rate=3e-3, bank_size=256, eval_size=64,
+                              eval_every=20)
+LLM = LLMConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1)
+LLM_PRETRAIN = LLMPretrainConfig(max_steps=30, batch_size=8, learning_rate=1e-2, eval_size=8, eval_every=15,
+                                 num_scene_qa=40)
+
+
+@pytest.fixture(scope="module")
+def tower_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("clip")
+    torch.manual_seed(0)
+    pretrain_vision_tower(out, SPEC, TOWER, VISION)
+    return out
+
+
+@pytest.fixture(scope="module")
+def synthetic_tokenizer_dir(tmp_path_factory):
+    from vir.models.tokenizer import train_llama3_style_tokenizer
+
+    out = tmp_path_factory.mktemp("synthetic_tokenizer")
+    train_llama3_style_tokenizer(corpus_texts(SPEC), out, vocab_size=SPEC.vocab_size)
+    return out
+
+
+@pytest.fixture(scope="module")
+def llm_dir(tmp_path_factory, synthetic_tokenizer_dir):
+    out = tmp_path_factory.mktemp("llm")
+    documents = corpus_texts(SPEC) + [e["messages"] for e in scene_qa_examples(SPEC, 40, seed=0, stream=0)]
+    pretrain_llm(out, synthetic_tokenizer_dir, documents, LLM, LLM_PRETRAIN,
+                 eval_examples=scene_qa_examples(SPEC, 8, seed=0, stream=1))
+    return out
+
+
+def _metrics(directory):
+    return json.loads((directory / METRICS_FILE).read_text())
+
+
+# --- vision tower -------------------------------------------------------------------------------------------
+
+
+def test_dense_labels_append_row_and_column():
+    rng = np.random.default_rng(0)
+    _, cells = labelled_scene(rng, SPEC)
+    labels = dense_labels(cells, SPEC.grid)
+    assert labels.shape == (16, 6)
+    assert labels[:, :4].tolist() == cells.tolist()
+    assert labels[6, 4:].tolist() == [1, 2]  # cell 6 of a 4x4 grid: row 1, column 2 (0-based)
+
+
+def test_bank_is_preprocessed_exactly_as_training():
+    processor = clip_image_processor(64)
+    pixels, labels = render_bank(SPEC, processor, 3, seed=5, stream=0)
+    rng = np.random.default_rng([5, SPEC.seed, 0])
+    images = [labelled_scene(rng, SPEC)[0] for _ in range(3)]
+    assert torch.equal(pixels, preprocess_images(images, processor, "pad"))
+    assert pixels.shape == (3, 3, 64, 64) and labels.shape == (3, 16, 6)
+
+
+def test_tower_saves_a_loadable_clip_directory(tower_dir):
+    model = CLIPVisionModel.from_pretrained(str(tower_dir))
+    processor = CLIPImageProcessorPil.from_pretrained(str(tower_dir))
+    assert model.config.hidden_size == 32 and model.config.image_size == 64 and model.config.patch_size == 16
+    assert processor.crop_size == {"height": 64, "width": 64}
+    image, _ = labelled_scene(np.random.default_rng(0), SPEC)
+    pixels = preprocess_images([image], processor, "pad")
+    features = model(pixels, output_hidden_states=True).hidden_states[TOWER.select_layer][:, 1:]
+    assert features.shape == (1, 16, 32)
+
+
+def test_tower_loads_through_the_llava_encoder(tower_dir):
+    from vir.models.encoder import CLIPVisionTower
+
+    tower = CLIPVisionTower.from_pretrained(tower_dir, select_layer=-1)
+    assert tower(torch.zeros(2, 3, 64, 64)).shape == (2, 16, 32)
+
+
+def test_dense_heads_learn_beyond_random_init(tower_dir):
+    metrics = _metrics(tower_dir)
+    start, final = metrics["history"][0]["accuracy"], metrics["final"]
+    assert metrics["history"][0]["step"] == 0 and metrics["steps"] == VISION.max_steps
+    assert set(DENSE_HEADS) <= set(final)
+    # Empty cells are ~78% of all cells, so occupancy must beat that majority rate, not 50%.
+    assert final["occupied"] > 0.9 and final["occupied"] > start["occupied"]
+    assert final["colour"] > max(0.5, start["colour"])
+
+
+def test_tower_is_reused_when_the_config_matches(tower_dir, monkeypatch):
+    import vir.recipes.vision_base as vision_base
+
+    before = (tower_dir / "model.safetensors").stat().st_mtime_ns
+    monkeypatch.setattr(vision_base, "_train", lambda *a, **k: pytest.fail("retrained a finished tower"))
+    assert pretrain_vision_tower(tower_dir, SPEC, TOWER, VISION) == _metrics(tower_dir)
+    assert (tower_dir / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_tower_retrains_when_the_config_changes(tmp_path):
+    cfg = dataclasses.replace(VISION, max_steps=2, eval_every=2, bank_size=32, eval_size=16)
+    first = pretrain_vision_tower(tmp_path, SPEC, TOWER, cfg)
+    second = pretrain_vision_tower(tmp_path, SPEC, TOWER, dataclasses.replace(cfg, learning_rate=1e-4))
+    assert first["fingerprint"] != second["fingerprint"] and _metrics(tmp_path) == second
+
+
+def test_tower_geometry_must_give_one_patch_per_cell(tmp_path):
+    with pytest.raises(ValueError, match="model.vision_tower.image_size=64 / patch_size=8"):
+        pretrain_vision_tower(tmp_path, SPEC, dataclasses.replace(TOWER, patch_size=8), VISION)
+
+
+# --- LLM -------------------------------------------------------------------------------------------------------
+
+
+def test_scene_description_keeps_objects_and_drops_relations():
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        scene = sample_scene(rng, SPEC)
+        text = scene_description(rng, scene)
+        assert all(f"row {o.row + 1}, column {o.col + 1}" in text.lower() for o in scene.objects)
+        assert not any(phrase in text for phrase in (" left of ", " right of ", " above ", " below "))
+
+
+def test_scene_qa_examples_put_the_description_where_the_image_goes():
+    examples = scene_qa_examples(SPEC, 20, seed=1, stream=0)
+    assert examples == scene_qa_examples(SPEC, 20, seed=1, stream=0)
+    assert examples != scene_qa_examples(SPEC, 20, seed=1, stream=1)
+    for example in examples:
+        user, assistant = example["messages"]
+        description, question = user.content.split("\n")
+        assert (user.role, assistant.role) == ("user", "assistant") and assistant.content == example["answer"]
+        assert "row" in description.lower() and question.endswith(("?", ".")) and "<image>" not in user.content
+
+
+def test_corpus_text_becomes_alternating_turns():
+    messages = to_messages("How many red objects are there?\ntwo\nIs there a red circle?\nyes")
+    assert [m.role for m in messages] == ["user", "assistant", "user", "assistant"]
+    assert messages[3].content == "yes"
+
+
+def test_encode_document_labels(synthetic_tokenizer_dir):
+    tokenizer = AutoTokenizer.from_pretrained(str(synthetic_tokenizer_dir))
+    document = "Describe the image.\nThere are two objects."
+    ids, labels = encode_document(document, tokenizer, max_length=512, loss_on="all")
+    assert ids == tokenizer.apply_chat_template(to_messages_dicts(document), tokenize=True, return_dict=False)
+    assert labels == [IGNORE_INDEX] + ids[1:]
+    ids_a, labels_a = encode_document(document, tokenizer, max_length=512, loss_on="assistant")
+    assert (ids_a, labels_a) == tuple(build_example(to_messages(document), tokenizer, "llama3", -1, 1))
+    assert encode_document(document, tokenizer, max_length=5)[0] == ids[:5]
+    with pytest.raises(ValueError, match="bases.llm.loss_on"):
+        encode_document(document, tokenizer, max_length=8, loss_on="answers")
+
+
+def to_messages_dicts(document):
+    return [{"role": m.role, "content": m.content} for m in to_messages(document)]
+
+
+def test_llm_saves_a_self_contained_llama_directory(llm_dir, synthetic_tokenizer_dir):
+    model = LlamaForCausalLM.from_pretrained(str(llm_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(llm_dir))
+    assert model.config.vocab_size == len(tokenizer) == len(AutoTokenizer.from_pretrained(str(synthetic_tokenizer_dir)))
+    assert model.config.hidden_size == 32 and model.config.num_hidden_layers == 2
+    assert tokenizer.chat_template and tokenizer.eos_token == "<|eot_id|>"
+    assert model.generation_config.eos_token_id == tokenizer.eos_token_id
+
+
+def test_llm_loss_falls_and_qa_is_scored(llm_dir):
+    history = _metrics(llm_dir)["history"]
+    assert [record["step"] for record in history] == [15, 30]
+    assert history[-1]["loss"] < 0.85 * history[0]["loss"]
+    assert {"count", "exists", "attribute", "relation", "overall"} >= set(history[-1]["accuracy"]) >= {"overall"}
+
+
+def test_llm_is_reused_when_the_inputs_match(llm_dir, synthetic_tokenizer_dir, monkeypatch):
+    import vir.recipes.llm_base as llm_base
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("retrained a finished LLM")
+
+    monkeypatch.setattr(llm_base, "_train", refuse)
+    documents = corpus_texts(SPEC) + [e["messages"] for e in scene_qa_examples(SPEC, 40, seed=0, stream=0)]
+    metrics = pretrain_llm(llm_dir, synthetic_tokenizer_dir, documents, LLM, LLM_PRETRAIN,
+                           eval_examples=scene_qa_examples(SPEC, 8, seed=0, stream=1))
+    assert metrics == _metrics(llm_dir)
+    with pytest.raises(RuntimeError, match="retrained"):  # other documents: a different base
+        pretrain_llm(llm_dir, synthetic_tokenizer_dir, documents[:-1], LLM, LLM_PRETRAIN)
+
+
+# --- both, from a composed config --------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_build_bases_from_the_shipped_config(tmp_path):
+    overrides = [
+        f"data.image_folder={tmp_path / 'data'}",
+        "data.synthetic.num_stage1=20", "data.synthetic.num_train=40", "data.synthetic.num_eval=4",
+        "data.synthetic.num_test=4", "data.synthetic.vocab_size=400",
+        "model.vision_tower.image_size=64", "model.vision_tower.patch_size=16", "model.vision_tower.hidden_size=32",
+        "model.vision_tower.intermediate_size=64", "model.vision_tower.num_hidden_layers=2",
+        "model.vision_tower.num_attention_heads=2",
+        "model.llm.hidden_size=32", "model.llm.intermediate_size=64", "model.llm.num_hidden_layers=1",
+        "bases.vision.max_steps=3", "bases.vision.bank_size=32", "bases.vision.eval_size=16",
+        "bases.vision.eval_every=3", "bases.llm.max_steps=3", "bases.llm.batch_size=4", "bases.llm.eval_size=2",
+        "bases.llm.num_scene_qa=10", "bases.llm.eval_every=3",
+    ]
+    cfg = compose_config(overrides)
+    llm_dir, clip_dir = build_bases(tmp_path / "bases", cfg)
+    assert (llm_dir, clip_dir) == (tmp_path / "bases" / "llm", tmp_path / "bases" / "clip")
+    assert CLIPVisionModel.from_pretrained(str(clip_dir)).config.hidden_size == 32
+    assert LlamaForCausalLM.from_pretrained(str(llm_dir)).config.num_hidden_layers == 1
+    stamps = [(d / METRICS_FILE).stat().st_mtime_ns for d in (llm_dir, clip_dir)]
+    assert build_bases(tmp_path / "bases", cfg) == (llm_dir, clip_dir)
+    assert [(d / METRICS_FILE).stat().st_mtime_ns for d in (llm_dir, clip_dir)] == stamps
