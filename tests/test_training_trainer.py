@@ -8,12 +8,13 @@ import json
 import pytest
 import torch
 from torch import nn
-from training_fixtures import RUNS, logits_of, mixed_batch, tiny_bases
+from training_fixtures import IMAGE_SIZE, PATCH_SIZE, RUNS, logits_of, mixed_batch, run_config, tiny_bases, train
 
 from vir.models import LlavaLlamaForCausalLM
 from vir.models.builder import build_image_processor, build_model_config, build_tokenizer
 from vir.models.checkpoint import load_run
 from vir.models.projector import load_projector_state_dict, projector_state_dict
+from vir.training.sampler import ModalityGroupedSampler
 from vir.training.trainer import build_param_groups
 
 LLAVA_PROJECTOR_KEYS = {"model.mm_projector.0.weight", "model.mm_projector.0.bias",
@@ -40,11 +41,9 @@ def trained(request, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def batch(bases, tmp_path_factory):
-    from training_fixtures import run_config
-
     cfg = run_config(bases, tmp_path_factory.mktemp("unused"), "stage1")
     tokenizer, processor = build_tokenizer(cfg.model), build_image_processor(cfg.model)
-    return mixed_batch(bases, tokenizer, processor, num_image_tokens=16)
+    return mixed_batch(bases, tokenizer, processor, num_image_tokens=(IMAGE_SIZE // PATCH_SIZE) ** 2)
 
 
 def _checkpoints(run):
@@ -179,3 +178,22 @@ def test_trainer_optimizer_uses_the_param_groups(tmp_path_factory):
     assert {n: g[:2] for n, g in lora.items()} == {"llm": (1e-3, 0.0), "projector": (3e-3, 0.0),
                                                    "projector_no_decay": (3e-3, 0.0)}
     assert all("lora_" in n for n in lora["llm"][2]) and len(lora["projector"][2] | lora["projector_no_decay"][2]) == 4
+
+
+def test_modality_grouping_checkpointing_and_accumulation_train_together(bases, tmp_path):
+    run = train(run_config(bases, tmp_path, "stage2_lora", "training.max_steps=2", "training.save_steps=2",
+                           "training.gradient_checkpointing=true", "training.group_by_modality_length=true",
+                           "training.gradient_accumulation_steps=2"))
+    assert run.outcome.global_step == 2 and all(torch.isfinite(torch.tensor(_losses(run))))
+    assert not torch.equal(run.initial_projector["model.mm_projector.0.weight"],
+                           projector_state_dict(run.model)["model.mm_projector.0.weight"])
+    sampler = run.trainer._get_train_sampler()
+    assert isinstance(sampler, ModalityGroupedSampler) and sampler.megabatch_size == 16
+    # 38 records with an image and 2 without: 4 image-only batches of 8, then the leftovers (6 + 2) together.
+    batches = list(run.trainer.get_train_dataloader())
+    with_images = [int(b["pixel_values"].shape[0]) for b in batches]
+    assert with_images == [8, 8, 8, 8, 6]
+
+
+def _losses(run):
+    return [row["loss"] for row in run.outcome.log_history if "loss" in row]

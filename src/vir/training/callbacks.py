@@ -6,7 +6,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Sequence
 
 import matplotlib
 
@@ -128,17 +128,13 @@ def write_curves(path: Path, log_history: List[dict]) -> Path:
 
 
 class DataStatsCallback(TrainerCallback):
-    """Reports the data pipeline's counters (fallback images, refused paths, truncated, skipped) in the logs
-    and, at the end, prints them and writes `data_stats.json`: a run never hides that it trained on
-    black images."""
+    """At the end of training, prints the data pipeline's counters (fallback images, refused paths, truncated,
+    skipped) and writes `data_stats.json`: a run never hides that it trained on black images. (`LlavaTrainer.log`
+    puts the same counters in the training logs: keys added in `on_log` would miss tensorboard and wandb.)"""
 
     def __init__(self, dataset, output_dir: str | Path):
         self.dataset = dataset
         self.output_dir = Path(output_dir)
-
-    def on_log(self, args, state, control, logs: Optional[dict] = None, **kwargs):
-        if logs is not None and "loss" in logs:
-            logs.update({f"data/{k}": v for k, v in self.dataset.stats().items() if v})
 
     def on_train_end(self, args, state, control, **kwargs):
         stats = self.dataset.stats()

@@ -62,7 +62,8 @@ def build_param_groups(
 
 
 class LlavaTrainer(Trainer):
-    """Trainer with per-component learning rates and LLaVA artifacts in every save.
+    """Trainer with per-component learning rates and LLaVA artifacts in every save; training logs carry the
+    train dataset's non-zero counters (`data/images_corrupt`, ...) when it has `stats()`.
 
     Extra keyword arguments: `image_processor` and `run_config` (the resolved Hydra config) are written
     next to the weights; `mm_projector_lr` / `vision_tower_lr` override the learning rate of those parts;
@@ -117,6 +118,13 @@ class LlavaTrainer(Trainer):
         optimizer_kwargs.pop("lr", None)
         self.optimizer = optimizer_cls(groups, lr=self.args.learning_rate, **optimizer_kwargs)
         return self.optimizer
+
+    def log(self, logs: Dict[str, float], start_time: Optional[float] = None) -> None:
+        # Done here, not in a callback's on_log: Trainer.log stores the history and calls the reporting
+        # callbacks (tensorboard, wandb) before any user callback, so keys added there never reach them.
+        if "loss" in logs and hasattr(self.train_dataset, "stats"):
+            logs.update({f"data/{k}": v for k, v in self.train_dataset.stats().items() if v})
+        super().log(logs, start_time)
 
     def _saves_projector_only(self) -> bool:
         """True when only the projector trains and the run config names the base directories (stage1).

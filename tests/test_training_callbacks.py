@@ -1,0 +1,74 @@
+"""Callbacks: sample grids at every evaluation and at the end, curves.png, data counters in data_stats.json."""
+
+from __future__ import annotations
+
+import json
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+from training_fixtures import lora_run, stage1_run, tiny_bases
+
+from vir.inference.evaluate import load_eval_items
+from vir.training.callbacks import SampleVisualizerCallback, write_curves, write_sample_grid
+
+
+@pytest.fixture(scope="session")
+def bases(tmp_path_factory):
+    return tiny_bases(tmp_path_factory)
+
+
+def test_visualiser_writes_a_grid_per_evaluation_and_curves_at_the_end(tmp_path_factory):
+    run = lora_run(tmp_path_factory)  # eval (and so the visualiser) at step 2, the last step
+    grids = sorted(p.name for p in (run.output_dir / "samples").iterdir())
+    assert grids == ["step-2.png"]
+    with Image.open(run.output_dir / "samples" / "step-2.png") as grid:
+        assert grid.width > 200 and grid.height > 100
+    assert (run.output_dir / "curves.png").is_file()
+    history = run.outcome.log_history
+    assert [row["step"] for row in history if "loss" in row] == [1, 2]
+    assert any("eval_token_accuracy" in row and 0 <= row["eval_token_accuracy"] <= 1 for row in history)
+
+
+def test_visualiser_callback_alone(tmp_path, bases):
+    items = load_eval_items(bases.data.eval, bases.data.root)[:2]
+    seen = []
+
+    def predict(model, samples):
+        seen.append((model, len(samples)))
+        return ["yes"] * len(samples)
+
+    callback = SampleVisualizerCallback(items, predict, tmp_path)
+    args, model = SimpleNamespace(should_save=True), torch.nn.Linear(1, 1)
+    callback.on_evaluate(args, SimpleNamespace(global_step=3), None, model=model)
+    callback.on_train_end(args, SimpleNamespace(global_step=7), None, model=model)
+    callback.on_evaluate(SimpleNamespace(should_save=False), SimpleNamespace(global_step=9), None, model=model)
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step-3.png", "step-7.png"]
+    assert seen == [(model, 2), (model, 2)]  # non-main ranks (should_save False) do not generate
+
+
+def test_data_stats_count_the_broken_images_of_one_epoch(tmp_path_factory, bases):
+    run = stage1_run(tmp_path_factory)  # exactly one epoch over the 40 train records
+    broken = [b for b in json.loads(bases.data.manifest.read_text())["broken"] if b["id"].startswith("train")]
+    assert sorted(b["kind"] for b in broken) == ["empty", "missing", "truncated"]
+    stats = json.loads((run.output_dir / "data_stats.json").read_text())
+    num_images = json.loads(bases.data.manifest.read_text())["counts"]["train"]["images"]
+    assert stats == run.outcome.data_stats
+    assert stats["images_missing"] == 1 and stats["images_corrupt"] == 2  # the empty and the truncated file
+    assert stats["images_ok"] == num_images - 3
+    assert stats["images_refused"] == stats["skipped"] == 0
+    # The counters also reach the training logs (only non-zero ones, so tensorboard/wandb see them too).
+    logged = [row.get("data/images_ok", 0) for row in run.outcome.log_history if "loss" in row]
+    assert logged == sorted(logged) and logged[-1] == num_images - 3
+
+
+def test_write_sample_grid_and_curves_directly(tmp_path, bases):
+    items = load_eval_items(bases.data.eval, bases.data.root)[:3]
+    predictions = [items[0].reference, "\x07 garbage \x00", ""]  # untrained models emit control bytes
+    grid = write_sample_grid(tmp_path / "deep" / "grid.png", items, predictions, title="step 0")
+    assert Image.open(grid).size[0] > 0
+    history = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5, "eval_loss": 1.7, "eval_token_accuracy": 0.4}]
+    assert write_curves(tmp_path / "curves.png", history).is_file()
+    assert write_curves(tmp_path / "empty.png", []).is_file()
