@@ -162,6 +162,18 @@ def test_scene_qa_examples_put_the_description_where_the_image_goes():
         assert "row" in description.lower() and question.endswith(("?", ".")) and "<image>" not in user.content
 
 
+def test_scene_qa_follow_up_turns_ask_about_the_same_scene():
+    examples = scene_qa_examples(SPEC, 30, seed=2, stream=0, turns=4)
+    assert max(len(e["messages"]) for e in examples) == 8
+    for example in examples:
+        messages = example["messages"]
+        assert [m.role for m in messages] == ["user", "assistant"] * (len(messages) // 2)
+        assert all("\n" not in m.content for m in messages[2:])  # only the first turn carries the description
+        questions = [messages[0].content.split("\n")[1]] + [m.content for m in messages[2::2]]
+        assert len(set(questions)) == len(questions)
+        assert messages[1].content == example["answer"]
+
+
 def test_corpus_text_becomes_alternating_turns():
     messages = to_messages("How many red objects are there?\ntwo\nIs there a red circle?\nyes")
     assert [m.role for m in messages] == ["user", "assistant", "user", "assistant"]

@@ -50,7 +50,9 @@ def build_bases(root: PathLike, cfg: Any, tokenizer_dir: Optional[PathLike] = No
     pretrain_vision_tower(clip_dir, spec, cfg.model.vision_tower, bases.vision)
     llm_cfg = bases.llm
     documents = corpus_texts(spec) + [
-        example["messages"] for example in scene_qa_examples(spec, llm_cfg.num_scene_qa, llm_cfg.seed, _QA_TRAIN_STREAM)
+        example["messages"]
+        for example in scene_qa_examples(spec, llm_cfg.num_scene_qa, llm_cfg.seed, _QA_TRAIN_STREAM,
+                                         turns=llm_cfg.scene_qa_turns)
     ]
     eval_examples = scene_qa_examples(spec, llm_cfg.eval_size, llm_cfg.seed, _QA_EVAL_STREAM)
     pretrain_llm(llm_dir, tokenizer_dir, documents, cfg.model.llm, llm_cfg, eval_examples=eval_examples)

@@ -42,26 +42,33 @@ def scene_description(rng: np.random.Generator, scene) -> str:
     return _RELATION_SENTENCE.sub("", caption(rng, scene))
 
 
-def scene_qa_examples(spec: SyntheticConfig, n: int, seed: int, stream: int) -> List[Dict]:
-    """`n` text-only QA examples on fresh scenes, question types drawn from `spec.question_mix`.
+def scene_qa_examples(spec: SyntheticConfig, n: int, seed: int, stream: int, turns: int = 1) -> List[Dict]:
+    """`n` text-only QA conversations on fresh scenes, question types drawn from `spec.question_mix`.
 
-    Each is `{"messages": [user, assistant], "question_type", "answer"}`; the user turn is
-    `"{scene_description}\\n{question}"`, the assistant turn the reference answer.
+    Each is `{"messages": [user, assistant, ...], "question_type", "answer"}` (type and answer of the first
+    question). The first user turn is `"{scene_description}\n{question}"`; up to `turns - 1` follow-up
+    questions about the same scene come as further user turns (distinct questions; one the scene cannot
+    support is skipped), so one description, the long part, pays for several answers.
     """
     rng = np.random.default_rng([seed, spec.seed, stream])
     types = [t for t, w in spec.question_mix.items() if w > 0]
     weights = np.array([spec.question_mix[t] for t in types], dtype=np.float64)
+    weights /= weights.sum()
     examples = []
     while len(examples) < n:
-        question_type = types[int(rng.choice(len(types), p=weights / weights.sum()))]
         scene = sample_scene(rng, spec)
-        question = make_question(rng, scene, question_type, spec)
-        if question is None:  # the scene cannot support this type (e.g. no uniquely named pair)
+        questions = []
+        for question_type in (types[int(k)] for k in rng.choice(len(types), size=turns, p=weights)):
+            question = make_question(rng, scene, question_type, spec)
+            # None: the scene cannot support this type (e.g. no uniquely named pair).
+            if question is not None and all(question.text != q.text for q in questions):
+                questions.append(question)
+        if not questions:
             continue
-        user = f"{scene_description(rng, scene)}\n{question.text}"
-        examples.append({
-            "messages": [Message("user", user), Message("assistant", question.answer)],
-            "question_type": question_type,
-            "answer": question.answer,
-        })
+        messages = [Message("user", f"{scene_description(rng, scene)}\n{questions[0].text}")]
+        for k, question in enumerate(questions):
+            messages += [Message("user", question.text)] if k else []
+            messages.append(Message("assistant", question.answer))
+        examples.append({"messages": messages, "question_type": questions[0].question_type,
+                         "answer": questions[0].answer})
     return examples
