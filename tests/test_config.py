@@ -21,7 +21,14 @@ def test_default_composition_is_local_debug():
     assert cfg.experiment_name == "local_debug"
     assert cfg.model.llm.path is None
     assert cfg.data.template == "llama3"
-    assert cfg.model.vision_tower.select_layer == -2
+    assert cfg.recipe.name == "synthetic_llava"
+    assert cfg.bases.output_dir == f"{cfg.training.output_dir}/bases"
+
+
+def test_tiny_model_group_alone_keeps_llava_defaults():
+    cfg = compose_config(["~experiment"])
+    assert cfg.model.vision_tower.select_layer == -2 and cfg.model.vision_tower.select_feature == "patch"
+    assert cfg.recipe.name == "single"
 
 
 @pytest.mark.parametrize("experiment", _group_options("experiment"))

@@ -30,7 +30,7 @@ def _prompt_ids(model, tokenizer, num_images=1):
 
 
 def test_build_all_from_the_shipped_tiny_config(tokenizer_dir):
-    cfg = compose_config([f"model.tokenizer_path={tokenizer_dir}"])
+    cfg = compose_config(["~experiment", f"model.tokenizer_path={tokenizer_dir}"])  # model/tiny.yaml alone
     model, tokenizer, processor = build_all(cfg)
     config = model.config
     assert isinstance(model, LlavaLlamaForCausalLM)
@@ -152,11 +152,11 @@ def test_processor_and_tower_size_mismatch_is_reported(tmp_path, tokenizer_dir):
 
 
 def test_a_saved_llava_model_can_be_the_llm_path(tmp_path, tokenizer_dir):
-    cfg = compose_config([f"model.tokenizer_path={tokenizer_dir}", "model.projector_type=linear"])
+    cfg = compose_config(["~experiment", f"model.tokenizer_path={tokenizer_dir}", "model.projector_type=linear"])
     model, tokenizer, _ = build_all(cfg)
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    reloaded, reloaded_tokenizer, _ = build_all(compose_config([f"model.llm.path={tmp_path}",
+    reloaded, reloaded_tokenizer, _ = build_all(compose_config(["~experiment", f"model.llm.path={tmp_path}",
                                                                 "model.projector_type=linear"]))
     assert len(reloaded_tokenizer) == len(tokenizer) == reloaded.config.vocab_size
     assert reloaded.config.vision_config.to_dict() == model.config.vision_config.to_dict()
