@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Optional, Tuple
 
 from vir.data.synthetic import as_spec, corpus_texts, generate
-from vir.recipes.common import PathLike, as_dataclass, plain
+from vir.recipes.common import PathLike, as_dataclass
 from vir.recipes.llm_base import pretrain_llm
 from vir.recipes.scene_text import scene_qa_examples
 from vir.recipes.vision_base import pretrain_vision_tower
@@ -39,7 +39,7 @@ def build_bases(root: PathLike, cfg: Any, tokenizer_dir: Optional[PathLike] = No
     `generate` returns at once when it is already there).
     """
     root = Path(root)
-    spec = as_spec(plain(cfg.data.synthetic))
+    spec = as_spec(cfg.data.synthetic)
     bases = as_dataclass(BasesConfig, getattr(cfg, "bases", None))
     if tokenizer_dir is None:
         if not cfg.data.image_folder:

@@ -31,7 +31,6 @@ from vir.recipes.common import (
     PathLike,
     adamw_cosine,
     as_dataclass,
-    plain,
     clear_metrics,
     finished_metrics,
     fingerprint,
@@ -153,7 +152,7 @@ def pretrain_vision_tower(
     `pretrain_metrics.json` (per-head held-out accuracy over time). Returns the metrics; returns the saved
     ones at once when `out_dir` already holds a finished run with the same configuration (unless `force`).
     """
-    spec = as_spec(plain(synthetic_spec))
+    spec = as_spec(synthetic_spec)
     tower = as_dataclass(VisionTowerConfig, tower_cfg)
     cfg = as_dataclass(VisionPretrainConfig, pretrain_cfg)
     _check_geometry(spec, tower)
