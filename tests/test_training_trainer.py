@@ -197,3 +197,12 @@ def test_modality_grouping_checkpointing_and_accumulation_train_together(bases, 
 
 def _losses(run):
     return [row["loss"] for row in run.outcome.log_history if "loss" in row]
+
+
+def test_lora_adapter_holds_only_lora_weights_not_the_resized_embeddings(tmp_path_factory):
+    from safetensors.torch import load_file
+
+    run = RUNS["stage2_lora"](tmp_path_factory)
+    for directory in [run.output_dir, *_checkpoints(run)]:
+        keys = load_file(str(directory / "adapter_model.safetensors")).keys()
+        assert keys and all("lora_" in key for key in keys), sorted(k for k in keys if "lora_" not in k)

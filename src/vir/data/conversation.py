@@ -247,6 +247,11 @@ def get_template(name: str) -> ChatTemplate:
         raise ValueError(f"unknown chat template {name!r} (data.template); choices: {sorted(TEMPLATES)}") from None
 
 
+def _as_messages(messages: Sequence[Union[Message, Mapping[str, str]]]) -> list[Message]:
+    """`Message`s from `Message`s or `{role, content}` dicts (roles as in `ROLE_ALIASES`)."""
+    return [m if isinstance(m, Message) else Message(ROLE_ALIASES[m["role"]], m["content"]) for m in messages]
+
+
 def build_example(
     record_or_messages: Union[Record, Sequence[Union[Message, Mapping[str, str]]]],
     tokenizer: PreTrainedTokenizerBase,
@@ -263,7 +268,7 @@ def build_example(
     `system_prompt` is used only when the conversation has no system turn (llama3 template).
     """
     messages = record_or_messages.messages if isinstance(record_or_messages, Record) else record_or_messages
-    messages = [m if isinstance(m, Message) else Message(ROLE_ALIASES[m["role"]], m["content"]) for m in messages]
+    messages = _as_messages(messages)
     if not messages:
         raise ValueError("cannot build an example from an empty conversation")
     template = get_template(template) if isinstance(template, str) else template
@@ -287,7 +292,7 @@ def build_generation_prompt(
     reply's closing end token. For llama3 this is exactly `apply_chat_template(..., add_generation_prompt=True)`
     (ids end with the assistant header and "\n\n"); for plain it is bos + image blocks.
     """
-    messages = [m if isinstance(m, Message) else Message(ROLE_ALIASES[m["role"]], m["content"]) for m in messages]
+    messages = _as_messages(messages)
     if not messages or messages[-1].role != "user":
         raise ValueError("a generation prompt needs a conversation that ends with a user turn")
     input_ids, _ = build_example([*messages, Message("assistant", "")], tokenizer, template, image_token_id,

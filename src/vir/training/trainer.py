@@ -143,11 +143,20 @@ class LlavaTrainer(Trainer):
     def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         projector_only = self._saves_projector_only()
-        if not projector_only:
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if hasattr(model, "peft_config"):
+            # peft's default ("auto") stores the whole embedding and lm_head in every adapter once the
+            # vocabulary was resized (~2 GB per checkpoint for Llama-3-8B). LoRA never changes them and
+            # `load_run` rebuilds the same mean-initialised rows, so the adapter alone is enough.
+            model.save_pretrained(output_dir, state_dict=state_dict, save_embedding_layers=False,
+                                  is_main_process=self.args.should_save)
+            if self.args.should_save:
+                self.processing_class.save_pretrained(output_dir)
+                torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        elif not projector_only:
             super()._save(output_dir, state_dict=state_dict)
         if not self.args.should_save:
             return
-        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         write_run_artifacts(
             output_dir,
             model,
