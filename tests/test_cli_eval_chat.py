@@ -1,0 +1,50 @@
+"""`vir-eval` and `vir-chat` on a tiny trained run directory."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from training_fixtures import RUNS
+
+from vir.cli import chat, eval as eval_cli
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return RUNS["stage2_lora"](tmp_path_factory).output_dir
+
+
+def test_vir_eval_writes_metrics_with_blind_baseline_and_per_type(run_dir, capsys):
+    eval_cli.main([str(run_dir), "--split", "eval", "--limit", "5", "--max-new-tokens", "3"])
+    out = capsys.readouterr().out
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["n"] == 5 and 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["blind_accuracy"] <= 1
+    assert sum(row["n"] for row in metrics["per_type"].values()) == 5
+    assert all({"accuracy", "blind_accuracy", "n"} <= set(row) for row in metrics["per_type"].values())
+    assert len((run_dir / "predictions_eval.jsonl").read_text().splitlines()) == 5
+    assert "overall" in out
+
+
+def test_vir_eval_on_a_missing_run_exits_with_a_message(tmp_path, capsys):
+    with pytest.raises(SystemExit) as err:
+        eval_cli.main([str(tmp_path)])
+    assert err.value.code == 2 and "vir_config.yaml" in capsys.readouterr().err
+
+
+def test_vir_chat_one_shot_and_interactive(run_dir, capsys, monkeypatch):
+    image = next((run_dir.parent.glob("**/images/*.png")), None) or next(run_dir.glob("../**/*.png"))
+    chat.main([str(run_dir), "--image", str(image), "--prompt", "How many red objects are there?",
+               "--max-new-tokens", "3"])
+    one_shot = capsys.readouterr().out.strip()
+    monkeypatch.setattr("sys.stdin", io.StringIO("How many red objects are there?\n/reset\nHi\n/quit\n"))
+    chat.main([str(run_dir), "--image", str(image), "--max-new-tokens", "3"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if "assistant>" in line]
+    assert len(lines) == 2 and lines[0].split("assistant> ", 1)[1].strip() == one_shot
+
+
+def test_vir_chat_missing_image_exits_with_a_message(run_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as err:
+        chat.main([str(run_dir), "--image", str(tmp_path / "nope.png"), "--prompt", "hi"])
+    assert err.value.code == 2 and "nope.png" in capsys.readouterr().err
