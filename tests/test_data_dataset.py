@@ -16,7 +16,8 @@ from transformers import CLIPImageProcessorPil
 from vir.data import images as images_module
 from vir.data.collator import DataCollatorForSupervisedDataset
 from vir.data.conversation import IGNORE_INDEX
-from vir.data.dataset import COUNTERS, DataFileError, LazySupervisedDataset
+from vir.data.dataset import COUNTERS, LazySupervisedDataset
+from vir.data.records import DataFileError
 
 NUM_IMAGE_TOKENS = 4
 

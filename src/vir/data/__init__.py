@@ -15,7 +15,8 @@ from vir.data.conversation import (
     normalize_record,
     truncate_example,
 )
-from vir.data.dataset import COUNTERS, DataFileError, LazySupervisedDataset, SampleReport, read_raw_records
+from vir.data.dataset import COUNTERS, LazySupervisedDataset, SampleReport
+from vir.data.records import DataFileError, read_raw_records
 from vir.data.images import black_image, expand_to_square, load_image, preprocess_images, to_rgb
 
 __all__ = [

@@ -1,14 +1,12 @@
 """`LazySupervisedDataset`: LLaVA-format records -> `{input_ids, labels, pixel_values}`, images opened lazily.
 
 Records are parsed and validated once, at construction, into a compact form that DataLoader workers share
-copy-on-write: every valid record serialised as JSON into one numpy `uint8` buffer with an `int64` offsets
-array, plus numpy arrays of estimated lengths and image counts. A list of 665k Python dicts would not do:
-touching an object's refcount writes to its page, so every worker would end up with its own copy.
+copy-on-write (`records.RecordStore`: one byte buffer + offsets), plus numpy arrays of estimated lengths and
+image counts.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,13 +14,12 @@ from typing import Any, Iterator, Mapping, Optional, Union
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from vir.data.conversation import (
     DEFAULT_IMAGE_TOKEN,
     InvalidRecordError,
-    Message,
     Record,
     TruncationResult,
     build_example,
@@ -30,7 +27,9 @@ from vir.data.conversation import (
     normalize_record,
     truncate_example,
 )
+from vir.data.counters import SharedCounters
 from vir.data.images import IMAGE_ASPECT_RATIOS, IMAGE_OK, black_image, load_image, preprocess_images
+from vir.data.records import RecordStore, read_raw_records
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +38,6 @@ COUNTERS = ("images_ok", "images_missing", "images_corrupt", "images_refused", "
 _WARNING_BUDGETS = ("_image_warnings", "_skip_warnings")
 CHARS_PER_TOKEN = 4  # rule of thumb for English BPE; `lengths` only has to rank samples for grouping
 TOKENS_PER_TURN = 5  # header, role, "\n\n", eot
-
-
-class DataFileError(ValueError):
-    """A data file that cannot be parsed; the message names the file (and line for JSONL)."""
 
 
 @dataclass
@@ -59,87 +54,6 @@ class SampleReport:
     num_images: int
     issues: list[str] = field(default_factory=list)
     skipped: bool = False
-
-
-def read_raw_records(path: Union[str, Path]) -> Iterator[Any]:
-    """Yield the raw records of a JSON list or JSONL file, raising `DataFileError` naming file and line."""
-    hint = "expected a JSON list of records or one JSON object per line (JSONL)"
-    try:
-        with open(path, encoding="utf-8-sig") as handle:
-            is_json_list = _first_non_space(handle) == "["
-            handle.seek(0)
-            if is_json_list:
-                try:
-                    records = json.load(handle)
-                except json.JSONDecodeError as err:
-                    raise DataFileError(f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: "
-                                        f"{err.msg} ({hint})") from None
-                yield from records
-                return
-            for lineno, line in enumerate(handle, start=1):
-                if line.strip():
-                    try:
-                        yield json.loads(line)
-                    except json.JSONDecodeError as err:
-                        raise DataFileError(f"{path}:{lineno}: malformed JSON line, column {err.colno}: "
-                                            f"{err.msg} ({hint})") from None
-    except UnicodeDecodeError as err:
-        raise DataFileError(f"{path}: not UTF-8 text ({err})") from None
-
-
-def _first_non_space(handle) -> str:
-    while chunk := handle.read(4096):
-        stripped = chunk.lstrip()
-        if stripped:
-            return stripped[0]
-    return ""
-
-
-class _RecordStore:
-    """Records as JSON bytes in one `uint8` buffer [total_bytes] with `offsets` [N + 1]."""
-
-    def __init__(self, chunks: list[bytes]):
-        self.offsets = np.zeros(len(chunks) + 1, dtype=np.int64)
-        np.cumsum([len(chunk) for chunk in chunks], out=self.offsets[1:])
-        self.buffer = np.frombuffer(b"".join(chunks), dtype=np.uint8)
-
-    @staticmethod
-    def encode(record: Record) -> bytes:
-        return json.dumps([record.id, record.images, [[m.role, m.content] for m in record.messages]],
-                          ensure_ascii=False).encode()
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def __getitem__(self, i: int) -> Record:
-        record_id, images, messages = json.loads(self.buffer[self.offsets[i] : self.offsets[i + 1]].tobytes())
-        return Record(record_id, tuple(images), tuple(Message(role, content) for role, content in messages))
-
-
-class SharedCounters:
-    """int64 event counters in shared memory, one row per DataLoader worker (row 0: the main process).
-
-    Each process writes only its own row, so there are no lost updates; `total` sums the rows and sees the
-    workers' counts live from the main process.
-    """
-
-    def __init__(self, names: tuple[str, ...], num_rows: int):
-        self.names = names
-        self._column = {name: k for k, name in enumerate(names)}
-        self.table = torch.zeros(num_rows, len(names), dtype=torch.int64).share_memory_()
-
-    def _row(self) -> int:
-        info = get_worker_info()
-        return 0 if info is None else 1 + info.id % (self.table.shape[0] - 1)
-
-    def add(self, name: str, count: int = 1) -> None:
-        self.table[self._row(), self._column[name]] += count
-
-    def total(self, name: str) -> int:
-        return int(self.table[:, self._column[name]].sum())
-
-    def reset(self) -> None:
-        self.table.zero_()
 
 
 class LazySupervisedDataset(Dataset):
@@ -244,10 +158,10 @@ class LazySupervisedDataset(Dataset):
             except InvalidRecordError as err:
                 self.invalid_records.append((err.record_id, err.reason))
                 continue
-            chunks.append(_RecordStore.encode(record))
+            chunks.append(RecordStore.encode(record))
             lengths.append(self._estimate_length(record))
             num_images.append(record.num_images)
-        self._store = _RecordStore(chunks)
+        self._store = RecordStore(chunks)
         self._num_images = np.array(num_images, dtype=np.int32)
         self._lengths = np.array(lengths, dtype=np.int64)
         if self.invalid_records:

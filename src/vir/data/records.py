@@ -1,0 +1,75 @@
+"""Reading LLaVA-format record files (JSON list or JSONL) and storing parsed records compactly.
+
+`RecordStore` keeps every record as JSON bytes in one numpy `uint8` buffer with an `int64` offsets array, so
+DataLoader workers share it copy-on-write: a list of 665k Python dicts would not do, since touching an
+object's refcount writes to its page and every worker would end up with its own copy.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator, Union
+
+import numpy as np
+
+from vir.data.conversation import Message, Record
+
+
+class DataFileError(ValueError):
+    """A data file that cannot be parsed; the message names the file (and line for JSONL)."""
+
+
+def read_raw_records(path: Union[str, Path]) -> Iterator[Any]:
+    """Yield the raw records of a JSON list or JSONL file, raising `DataFileError` naming file and line."""
+    hint = "expected a JSON list of records or one JSON object per line (JSONL)"
+    try:
+        with open(path, encoding="utf-8-sig") as handle:
+            is_json_list = _first_non_space(handle) == "["
+            handle.seek(0)
+            if is_json_list:
+                try:
+                    records = json.load(handle)
+                except json.JSONDecodeError as err:
+                    raise DataFileError(f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: "
+                                        f"{err.msg} ({hint})") from None
+                yield from records
+                return
+            for lineno, line in enumerate(handle, start=1):
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise DataFileError(f"{path}:{lineno}: malformed JSON line, column {err.colno}: "
+                                            f"{err.msg} ({hint})") from None
+    except UnicodeDecodeError as err:
+        raise DataFileError(f"{path}: not UTF-8 text ({err})") from None
+
+
+def _first_non_space(handle) -> str:
+    while chunk := handle.read(4096):
+        stripped = chunk.lstrip()
+        if stripped:
+            return stripped[0]
+    return ""
+
+
+class RecordStore:
+    """Records as JSON bytes in one `uint8` buffer [total_bytes] with `offsets` [N + 1]."""
+
+    def __init__(self, chunks: list[bytes]):
+        self.offsets = np.zeros(len(chunks) + 1, dtype=np.int64)
+        np.cumsum([len(chunk) for chunk in chunks], out=self.offsets[1:])
+        self.buffer = np.frombuffer(b"".join(chunks), dtype=np.uint8)
+
+    @staticmethod
+    def encode(record: Record) -> bytes:
+        return json.dumps([record.id, record.images, [[m.role, m.content] for m in record.messages]],
+                          ensure_ascii=False).encode()
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> Record:
+        record_id, images, messages = json.loads(self.buffer[self.offsets[i] : self.offsets[i + 1]].tobytes())
+        return Record(record_id, tuple(images), tuple(Message(role, content) for role, content in messages))
