@@ -24,7 +24,8 @@ from vir.recipes import (
     to_messages,
 )
 from vir.recipes.common import METRICS_FILE
-from vir.recipes.vision_base import clip_image_processor, dense_labels, render_bank
+from vir.models.builder import clip_image_processor
+from vir.recipes.vision_base import dense_labels, render_bank
 from vir.utils.config import compose_config
 from vir.utils.config_schema import LLMConfig, LLMPretrainConfig, VisionPretrainConfig, VisionTowerConfig
 

@@ -91,6 +91,11 @@ def build_image_processor(model_cfg: Any) -> CLIPImageProcessorPil:
             return CLIPImageProcessorPil.from_pretrained(str(directory))
         image_size = load_vision_config(directory).image_size
         logger.warning("%s has no preprocessor_config.json; using CLIP's defaults at %d px", directory, image_size)
+    return clip_image_processor(image_size)
+
+
+def clip_image_processor(image_size: int) -> CLIPImageProcessorPil:
+    """CLIP's preprocessing at `image_size`: OpenAI mean/std, bicubic resize of the short side + centre crop."""
     return CLIPImageProcessorPil(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
@@ -111,7 +116,7 @@ def build_model_config(
         raise ValueError(f"the tokenizer has no {model_cfg.image_token!r} token (model.image_token); "
                          "run it through prepare_tokenizer (build_tokenizer does)")
     source = _read_llm_config(model_cfg.llm.path) if model_cfg.llm.path else None
-    text_fields = _text_fields(source) if source is not None else _text_fields_from_sizes(model_cfg.llm)
+    text_fields = _text_fields(source) if source is not None else llm_fields_from_sizes(model_cfg.llm)
     vocab_size = len(tokenizer) if source is None else max(len(tokenizer), source.vocab_size)
     multimodal_fields = {
         "vocab_size": vocab_size,
@@ -219,7 +224,8 @@ def _text_fields(source: PreTrainedConfig) -> dict:
     return fields
 
 
-def _text_fields_from_sizes(llm_cfg: Any) -> dict:
+def llm_fields_from_sizes(llm_cfg: Any) -> dict:
+    """LlamaConfig fields for a random-init LLM from the size keys of `model.llm`."""
     return {
         "hidden_size": llm_cfg.hidden_size,
         "intermediate_size": llm_cfg.intermediate_size,
@@ -236,6 +242,11 @@ def _vision_config(tower_cfg: Any, source: Optional[PreTrainedConfig]) -> CLIPVi
         return load_vision_config(tower_cfg.path)
     if isinstance(source, LlavaLlamaConfig):  # a saved LLaVA model carries its own tower's shape
         return source.vision_config
+    return vision_config_from_sizes(tower_cfg)
+
+
+def vision_config_from_sizes(tower_cfg: Any) -> CLIPVisionConfig:
+    """A CLIPVisionConfig for a random-init tower from the size keys of `model.vision_tower`."""
     return CLIPVisionConfig(
         image_size=tower_cfg.image_size,
         patch_size=tower_cfg.patch_size,

@@ -22,6 +22,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTraine
 
 from vir.data.conversation import IGNORE_INDEX, build_example, build_generation_prompt
 from vir.data.synthetic import accuracy_by_type
+from vir.models.builder import llm_fields_from_sizes
 from vir.recipes.common import (
     PathLike,
     adamw_cosine,
@@ -45,13 +46,7 @@ def build_llama(llm: LLMConfig, tokenizer: PreTrainedTokenizerBase) -> LlamaForC
     """A random-init `LlamaForCausalLM` with the size fields of `model.llm` and the tokenizer's vocabulary."""
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=llm.hidden_size,
-        intermediate_size=llm.intermediate_size,
-        num_hidden_layers=llm.num_hidden_layers,
-        num_attention_heads=llm.num_attention_heads,
-        num_key_value_heads=llm.num_key_value_heads,
-        max_position_embeddings=llm.max_position_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": float(llm.rope_theta)},
+        **llm_fields_from_sizes(llm),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )

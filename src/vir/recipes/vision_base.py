@@ -22,11 +22,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
-from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from transformers import CLIPImageProcessorPil, CLIPVisionModel
 
 from vir.data.images import preprocess_images
 from vir.data.synthetic import SIZES, as_spec, labelled_scene
+from vir.models.builder import clip_image_processor, vision_config_from_sizes
 from vir.recipes.common import (
     PathLike,
     adamw_cosine,
@@ -48,26 +48,7 @@ _SAVED_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
 
 def build_clip_vision(tower: VisionTowerConfig) -> CLIPVisionModel:
     """A random-init `CLIPVisionModel` with the size fields of `model.vision_tower` (its `path` is ignored)."""
-    config = CLIPVisionConfig(
-        image_size=tower.image_size,
-        patch_size=tower.patch_size,
-        hidden_size=tower.hidden_size,
-        intermediate_size=tower.intermediate_size,
-        num_hidden_layers=tower.num_hidden_layers,
-        num_attention_heads=tower.num_attention_heads,
-    )
-    return CLIPVisionModel(config)
-
-
-def clip_image_processor(image_size: int) -> CLIPImageProcessorPil:
-    """CLIP's preprocessing at `image_size` (OpenAI mean/std, bicubic resize + centre crop): the defaults
-    `vir.models.builder.build_image_processor` uses, saved with the tower so training reads them back."""
-    return CLIPImageProcessorPil(
-        size={"shortest_edge": image_size},
-        crop_size={"height": image_size, "width": image_size},
-        image_mean=OPENAI_CLIP_MEAN,
-        image_std=OPENAI_CLIP_STD,
-    )
+    return CLIPVisionModel(vision_config_from_sizes(tower))
 
 
 def dense_labels(cell_labels: np.ndarray, grid: int) -> np.ndarray:
