@@ -11,11 +11,10 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 from tqdm.auto import tqdm
 
+from vir.data.conversation import IGNORE_INDEX
 from vir.data.dataset import LazySupervisedDataset
 
 logger = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -108,18 +107,19 @@ def validate_dataset(
     return summary
 
 
+# SampleReport issue kind -> the ValidationSummary counter it increments
+_ISSUE_COUNTERS = {"image_missing": "images_missing", "image_corrupt": "images_corrupt",
+                   "image_refused": "images_refused", "truncated": "truncated"}
+_IMAGE_ISSUES = {"image_missing", "image_corrupt", "image_refused"}
+
+
 def _count(summary: ValidationSummary, report) -> None:
+    bad_images = 0
     for issue in report.issues:
         kind = issue.split(":", 1)[0]
-        if kind == "image_missing":
-            summary.images_missing += 1
-        elif kind == "image_corrupt":
-            summary.images_corrupt += 1
-        elif kind == "image_refused":
-            summary.images_refused += 1
-        elif kind == "truncated":
-            summary.truncated += 1
-    bad_images = sum(i.split(":", 1)[0] in _IMAGE_ISSUES for i in report.issues)
+        if kind in _ISSUE_COUNTERS:
+            setattr(summary, _ISSUE_COUNTERS[kind], getattr(summary, _ISSUE_COUNTERS[kind]) + 1)
+        bad_images += kind in _IMAGE_ISSUES
     summary.images_ok += report.num_images - bad_images
     if report.num_images == 0:
         summary.text_only += 1
@@ -134,9 +134,6 @@ def _count(summary: ValidationSummary, report) -> None:
     summary.token_lengths.append(len(report.input_ids))
     summary.total_tokens += len(report.labels)
     summary.trained_tokens += sum(1 for label in report.labels if label != IGNORE_INDEX)
-
-
-_IMAGE_ISSUES = {"image_missing", "image_corrupt", "image_refused"}
 
 
 def _open_dump(dump_dir, tokenizer):
