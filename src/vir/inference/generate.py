@@ -57,6 +57,7 @@ def generate_answers(
     config = model.config
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     answers: List[str] = []
     batches = range(0, len(queries), batch_size)
     for start in tqdm(batches, desc="generating", unit="batch", disable=not progress):
@@ -69,7 +70,6 @@ def generate_answers(
         input_ids, attention_mask = left_pad(prompts, tokenizer.pad_token_id)
         images = [image for q in batch for image in q.images]
         pixel_values = preprocess_images(images, image_processor, image_aspect_ratio) if images else None
-        device = next(model.parameters()).device
         output = model.generate(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),
