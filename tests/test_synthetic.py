@@ -319,3 +319,23 @@ def test_spec_from_the_composed_config_is_plain_python():
     spec = as_spec(compose_config().data.synthetic)
     assert type(spec.colours) is list and type(spec.question_mix) is dict
     assert spec_hash(spec)  # json-serialisable
+
+
+def test_caption_fraction_mixes_llava_style_caption_records_into_train():
+    from vir.data.synthetic.captions import CAPTION_INSTRUCTIONS
+    from vir.data.synthetic.splits import plan_train
+
+    spec = dataclasses.replace(SMALL, caption_fraction=0.25)
+    plan = plan_train(spec)
+    captions = [r for r in plan.records if r["conversations"][0]["value"].split("\n", 1)[-1] in CAPTION_INSTRUCTIONS]
+    assert plan.captions == len(captions) == round(0.25 * SMALL.num_train)
+    assert all("image" in r and len(r["conversations"]) == 2 for r in captions)
+    assert sum("image" not in r for r in plan.records) == round(SMALL.text_only_fraction * SMALL.num_train)
+    # the caption names every object of its own scene, in reading order
+    by_id = {image.record_id: image.scene for image in plan.images}
+    for record in captions:
+        text = record["conversations"][1]["value"]
+        for obj in by_id[record["id"]].objects:
+            assert f"{obj.size} {obj.colour} {obj.shape}" in text
+    # without captions the plan is unchanged by the feature (same records as before it existed)
+    assert plan_train(SMALL).captions == 0

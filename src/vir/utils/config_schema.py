@@ -86,6 +86,7 @@ class SyntheticConfig:
     multi_turn_fraction: float = 0.3  # train records with 2..max_turns Q/A turns about one image
     max_turns: int = 3
     text_only_fraction: float = 0.05
+    caption_fraction: float = 0.0  # train records that ask for a caption (llama3 template), beside the Q/A
     num_broken: int = 3  # train records whose image is truncated, empty or missing (loader fallback)
     sentence_answer_fraction: float = 0.2  # questions that ask for a full-sentence answer
     # Question-type mix; eval and test follow it exactly (quotas), train samples from it.

@@ -41,6 +41,7 @@ class SplitPlan:
     question_types: Counter = field(default_factory=Counter)
     multi_turn: int = 0
     text_only: int = 0
+    captions: int = 0
 
 
 def split_rng(spec: SyntheticConfig, split: str) -> np.random.Generator:
@@ -79,19 +80,28 @@ def plan_stage1(spec: SyntheticConfig) -> SplitPlan:
     rng = split_rng(spec, "stage1")
     plan = SplitPlan("stage1")
     for i in range(spec.num_stage1):
-        scene = sample_scene(rng, spec)
         record_id, path = f"stage1_{i:06d}", f"images/stage1_{i:06d}.png"
-        human = f"{IMAGE_TOKEN}\n{choice(rng, CAPTION_INSTRUCTIONS)}"
-        plan.records.append({"id": record_id, "image": path, "conversations": _turns([(human, caption(rng, scene))])})
+        record, scene = _caption_record(rng, spec, record_id, path)
+        plan.records.append(record)
         plan.images.append(PlannedImage(record_id, path, scene))
     return plan
 
 
+def _caption_record(rng: np.random.Generator, spec: SyntheticConfig, record_id: str, path: str) -> Tuple[dict, Scene]:
+    scene = sample_scene(rng, spec)
+    human = f"{IMAGE_TOKEN}\n{choice(rng, CAPTION_INSTRUCTIONS)}"
+    return {"id": record_id, "image": path, "conversations": _turns([(human, caption(rng, scene))])}, scene
+
+
 def plan_train(spec: SyntheticConfig) -> SplitPlan:
-    """Single- and multi-turn Q/A records, `text_only_fraction` without image, `num_broken` broken images."""
+    """Single- and multi-turn Q/A records, `text_only_fraction` without image, `caption_fraction` captions
+    (LLaVA-665k style: some caption data beside the questions), `num_broken` broken images."""
     rng = split_rng(spec, "train")
     n = spec.num_train
     text_only = set(rng.choice(n, size=min(n, round(spec.text_only_fraction * n)), replace=False).tolist())
+    num_captions = min(n - len(text_only), round(spec.caption_fraction * n))
+    not_text = np.array([i for i in range(n) if i not in text_only], dtype=np.int64)
+    captions = set(rng.choice(not_text, size=num_captions, replace=False).tolist()) if num_captions else set()
     with_image = [i for i in range(n) if i not in text_only]
     broken_rng = split_rng(spec, "broken")
     broken_idx = broken_rng.choice(with_image, size=min(spec.num_broken, len(with_image)), replace=False)
@@ -104,6 +114,12 @@ def plan_train(spec: SyntheticConfig) -> SplitPlan:
             question, answer = text_only_qa(rng, spec)
             plan.records.append({"id": record_id, "conversations": _turns([(question, answer)])})
             plan.text_only += 1
+            continue
+        if i in captions:
+            record, scene = _caption_record(rng, spec, record_id, f"images/train_{i:06d}.png")
+            plan.records.append(record)
+            plan.images.append(PlannedImage(record_id, record["image"], scene, broken.get(i)))
+            plan.captions += 1
             continue
         num_turns = 1
         if rng.random() < spec.multi_turn_fraction:

@@ -184,6 +184,7 @@ def _manifest(spec: SyntheticConfig, digest: str, plans: Dict[str, SplitPlan], s
             "images": len(plan.images),
             "multi_turn": plan.multi_turn,
             "text_only": plan.text_only,
+            "captions": plan.captions,
             "question_types": dict(sorted(plan.question_types.items())),
         }
     broken = [
