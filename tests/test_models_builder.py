@@ -165,3 +165,28 @@ def test_a_saved_llava_model_can_be_the_llm_path(tmp_path, tokenizer_dir):
     with torch.no_grad():
         expected = model.eval()(input_ids=ids, pixel_values=pixel_values).logits
         assert torch.equal(reloaded.eval()(input_ids=ids, pixel_values=pixel_values).logits, expected)
+
+
+def test_loading_a_plain_llama_reports_only_llm_weights_it_lacks(tmp_path, llm_dir, caplog):
+    """The tower/projector keys a Llama directory cannot hold are expected (no transformers load table);
+    an LLM weight that is really missing is still named."""
+    from safetensors.torch import load_file, save_file
+
+    cfg = compose_config([f"model.llm.path={llm_dir}"])
+    with caplog.at_level("WARNING"):
+        build_all(cfg)
+    assert "LOAD REPORT" not in caplog.text and "lacks" not in caplog.text
+
+    broken = tmp_path / "llama"
+    broken.mkdir()
+    for item in llm_dir.iterdir():
+        if item.name != "model.safetensors":
+            (broken / item.name).write_bytes(item.read_bytes())
+    weights = load_file(llm_dir / "model.safetensors")
+    del weights["model.layers.1.mlp.up_proj.weight"]
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        build_all(compose_config([f"model.llm.path={broken}"]))
+    assert "model.layers.1.mlp.up_proj.weight" in caplog.text and "lacks 1 weights" in caplog.text
+    assert "LOAD REPORT" not in caplog.text

@@ -155,9 +155,7 @@ def build_model(
         # Load with the checkpoint's vocabulary size, then grow it for the tokens the tokenizer added.
         load_config = copy.deepcopy(config)
         load_config.vocab_size = _read_llm_config(model_cfg.llm.path).vocab_size
-        model = LlavaLlamaForCausalLM.from_pretrained(
-            str(model_cfg.llm.path), config=load_config, dtype=dtype, attn_implementation=attn, low_cpu_mem_usage=True
-        )
+        model = _load_llm(model_cfg.llm.path, load_config, dtype=dtype, attn_implementation=attn)
         resize_token_embeddings_mean_init(model, config.vocab_size)
     if model_cfg.vision_tower.path:
         model.get_vision_tower().load_pretrained_weights(model_cfg.vision_tower.path)
@@ -167,6 +165,35 @@ def build_model(
         load_projector_state_dict(model, model_cfg.pretrained_projector)
     if model_cfg.vision_tower.freeze:
         model.get_vision_tower().requires_grad_(False)
+    return model
+
+
+# Absent from a plain Llama checkpoint by design: they come from `model.vision_tower.path` and the projector.
+_MULTIMODAL_PREFIXES = ("model.vision_tower.", "model.mm_projector.")
+
+
+def _drop_load_report(record: logging.LogRecord) -> bool:
+    return "LOAD REPORT" not in str(record.msg)
+
+
+def _load_llm(path: Any, config: LlavaLlamaConfig, **kwargs: Any) -> LlavaLlamaForCausalLM:
+    """`from_pretrained` without transformers' table of the tower/projector keys a plain Llama directory lacks
+    (expected); any other missing key is still reported, by name."""
+    hf_logger = logging.getLogger("transformers.modeling_utils")
+    hf_logger.addFilter(_drop_load_report)
+    try:
+        model, info = LlavaLlamaForCausalLM.from_pretrained(
+            str(path), config=config, low_cpu_mem_usage=True, output_loading_info=True, **kwargs
+        )
+    finally:
+        hf_logger.removeFilter(_drop_load_report)
+    missing = sorted(k for k in info["missing_keys"] if not k.startswith(_MULTIMODAL_PREFIXES))
+    if missing:
+        logger.warning("model.llm.path=%s lacks %d weights (randomly initialised): %s", path, len(missing),
+                       ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""))
+    if info["unexpected_keys"]:
+        logger.warning("model.llm.path=%s has %d weights the model does not use: %s", path,
+                       len(info["unexpected_keys"]), ", ".join(sorted(info["unexpected_keys"])[:8]))
     return model
 
 
