@@ -8,7 +8,7 @@ import statistics
 
 import pytest
 import torch
-from training_fixtures import run_config, sample_predictor, tiny_bases, train
+from training_fixtures import run_config, tiny_bases, train
 
 from vir.inference.evaluate import evaluate, load_eval_items
 from vir.models.checkpoint import load_run
@@ -42,7 +42,7 @@ def test_stage1_then_stage2_lora_learns_and_leaves_a_loadable_run(tmp_path_facto
     cfg = run_config(bases, tmp_path / "stage2", "stage2_lora", *steps, "training.learning_rate=5e-3",
                      f"training.eval_steps={STEPS}", f"model.pretrained_projector={projector_file}",
                      with_eval=True)
-    stage2 = train(cfg, visualizer_samples=samples, predict=sample_predictor(cfg))
+    stage2 = train(cfg, visualizer_samples=samples)
     stage1_projector = torch.load(projector_file, weights_only=True)
     assert all(torch.equal(stage2.initial_projector[k], v) for k, v in stage1_projector.items())
     _assert_loss_fell(_losses(stage2), 0.8, "stage2_lora")

@@ -164,7 +164,7 @@ class TrainedRun:
         return self.trainer.model
 
 
-def train(cfg, visualizer_samples: Optional[list] = None, predict=None) -> TrainedRun:
+def train(cfg, visualizer_samples: Optional[list] = None) -> TrainedRun:
     """`run_training(cfg)` with its LlavaTrainer captured (run_training returns no model)."""
     captured: List[LlavaTrainer] = []
     snapshots: Dict[int, dict] = {}
@@ -179,7 +179,7 @@ def train(cfg, visualizer_samples: Optional[list] = None, predict=None) -> Train
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(run_module, "LlavaTrainer", RecordingTrainer)
-        outcome = run_training(cfg, visualizer_samples=visualizer_samples, predict=predict)
+        outcome = run_training(cfg, visualizer_samples=visualizer_samples)
     return TrainedRun(cfg, outcome, captured[0], snapshots, initial)
 
 
@@ -205,16 +205,6 @@ def logits_of(model, batch: dict) -> torch.Tensor:
     return out
 
 
-def sample_predictor(cfg, max_new_tokens: int = 4):
-    """`predict(model, samples)` for the sample visualiser: greedy answers with the run's tokenizer/processor."""
-    from vir.inference.generate import generate_answers
-    from vir.models.builder import build_image_processor, build_tokenizer
-
-    tokenizer, processor = build_tokenizer(cfg.model), build_image_processor(cfg.model)
-    return lambda model, samples: generate_answers(model, tokenizer, processor, [s.query for s in samples],
-                                                   max_new_tokens=max_new_tokens)
-
-
 @_once_per_session
 def lora_run(factory: pytest.TempPathFactory) -> TrainedRun:
     """stage2_lora, 2 steps, a checkpoint each step, eval + sample visualiser at step 2, projector lr 3e-3."""
@@ -225,7 +215,7 @@ def lora_run(factory: pytest.TempPathFactory) -> TrainedRun:
                      "training.save_steps=1", "training.eval_steps=2", "training.mm_projector_lr=3e-3",
                      with_eval=True)
     samples = load_eval_items(bases.data.eval, bases.data.root)[:4]
-    return train(cfg, visualizer_samples=samples, predict=sample_predictor(cfg))
+    return train(cfg, visualizer_samples=samples)
 
 
 @_once_per_session

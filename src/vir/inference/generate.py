@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 from PIL import Image
@@ -83,3 +83,15 @@ def generate_answers(
         answers.extend(t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
     model.train(was_training)
     return answers
+
+
+def answer_predictor(tokenizer, image_processor, data_cfg, max_new_tokens: int) -> Callable:
+    """`predict(model, items) -> answers` for `EvalItem`-like items (`.query`), with the prompt format of
+    `data_cfg` (`template`, `image_aspect_ratio`, `system_prompt`): what the sample visualiser calls."""
+
+    def predict(model, items: Sequence) -> List[str]:
+        return generate_answers(model, tokenizer, image_processor, [item.query for item in items],
+                                template=data_cfg.template, image_aspect_ratio=data_cfg.image_aspect_ratio,
+                                system_prompt=data_cfg.system_prompt, max_new_tokens=max_new_tokens)
+
+    return predict

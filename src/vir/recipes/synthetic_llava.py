@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vir.data.synthetic import generate
 from vir.inference.evaluate import evaluate_run
-from vir.recipes.finetune import visualizer_for
+from vir.recipes.finetune import visualizer_samples
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +64,8 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
     logger.info("stage 1: projector alignment -> %s", stages["stage1"].training.output_dir)
     stage1 = run_training(stages["stage1"])
     logger.info("stage 2: %s -> %s", cfg.training.mode, run_dir)
-    samples, predict = visualizer_for(stages["stage2"], cfg.recipe.num_visualizer_samples)
-    stage2 = run_training(stages["stage2"], visualizer_samples=samples, predict=predict)
+    samples = visualizer_samples(stages["stage2"], cfg.recipe.num_visualizer_samples)
+    stage2 = run_training(stages["stage2"], visualizer_samples=samples)
 
     metrics = evaluate_run(run_dir, split=cfg.recipe.eval_split, max_new_tokens=cfg.recipe.eval_max_new_tokens,
                            batch_size=cfg.recipe.eval_batch_size)

@@ -16,6 +16,7 @@ from transformers import TrainingArguments, set_seed
 from vir.data.collator import DataCollatorForSupervisedDataset
 from vir.data.conversation import IGNORE_INDEX
 from vir.data.dataset import LazySupervisedDataset
+from vir.inference.generate import answer_predictor
 from vir.models.builder import build_all
 from vir.training.callbacks import CurvesCallback, DataStatsCallback, SampleVisualizerCallback
 from vir.training.modes import apply_training_mode
@@ -81,10 +82,11 @@ def token_accuracy(eval_pred) -> dict:
     return {"token_accuracy": float((predictions[mask] == labels[mask]).mean()) if mask.any() else 0.0}
 
 
-def run_training(cfg: DictConfig, visualizer_samples: Optional[list] = None, predict=None) -> TrainOutcome:
+def run_training(cfg: DictConfig, visualizer_samples: Optional[list] = None) -> TrainOutcome:
     """Train one stage as `cfg` says and write the final artifacts at `training.output_dir`'s root.
 
-    `visualizer_samples` + `predict` enable the sample visualiser (see callbacks.SampleVisualizerCallback).
+    `visualizer_samples` (`EvalItem`s) enable the sample visualiser (callbacks.SampleVisualizerCallback): greedy
+    answers with this run's tokenizer and image processor, `recipe.eval_max_new_tokens` at most.
     """
     os.environ.setdefault("WANDB_MODE", "offline")
     set_seed(cfg.seed)
@@ -104,7 +106,8 @@ def run_training(cfg: DictConfig, visualizer_samples: Optional[list] = None, pre
     if "train" not in datasets:
         raise ValueError("data.train_path is not set: nothing to train on")
     callbacks = [DataStatsCallback(datasets["train"], output_dir), CurvesCallback(output_dir)]
-    if visualizer_samples and predict is not None:
+    if visualizer_samples:
+        predict = answer_predictor(tokenizer, image_processor, cfg.data, cfg.recipe.eval_max_new_tokens)
         callbacks.append(SampleVisualizerCallback(visualizer_samples, predict, output_dir))
     trainer = LlavaTrainer(
         model=model,
