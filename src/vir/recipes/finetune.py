@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import List
 
 from omegaconf import DictConfig
 
 from vir.inference.evaluate import EvalItem, evaluate_run, load_eval_items
-
-logger = logging.getLogger(__name__)
 
 
 def visualizer_samples(cfg: DictConfig, num_samples: int) -> List[EvalItem]:
