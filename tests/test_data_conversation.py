@@ -6,16 +6,12 @@ import itertools
 
 import pytest
 
-from vir.data.conversation import (
-    IGNORE_INDEX,
+from vir.data.conversation import IGNORE_INDEX, InvalidRecordError, Message, Record, normalize_record
+from vir.data.templates import (
     SKIP_IMAGES_DO_NOT_FIT,
     SKIP_NO_TRAINED_TOKENS,
-    InvalidRecordError,
-    Message,
-    Record,
     build_example,
     get_template,
-    normalize_record,
     truncate_example,
 )
 
@@ -202,7 +198,7 @@ def test_truncation_never_splits_or_drops_an_image_block():
 
 
 def test_generation_prompt_equals_chat_template_with_generation_prompt(tokenizer):
-    from vir.data.conversation import build_generation_prompt
+    from vir.data.templates import build_generation_prompt
 
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     messages = [
@@ -217,7 +213,7 @@ def test_generation_prompt_equals_chat_template_with_generation_prompt(tokenizer
 
 
 def test_generation_prompt_plain_is_bos_and_image_blocks(tokenizer):
-    from vir.data.conversation import build_generation_prompt
+    from vir.data.templates import build_generation_prompt
 
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     ids = build_generation_prompt([{"role": "user", "content": "<image>"}], tokenizer, "plain", image_token_id, 3)

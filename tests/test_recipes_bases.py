@@ -10,7 +10,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPVisionModel, LlamaForCausalLM
 
-from vir.data.conversation import IGNORE_INDEX, build_example
+from vir.data.conversation import IGNORE_INDEX
+from vir.data.templates import build_example
 from vir.data.images import preprocess_images
 from vir.data.synthetic import SyntheticConfig, corpus_texts, labelled_scene, sample_scene
 from vir.recipes import (

@@ -4,20 +4,22 @@ from vir.data.collator import DataCollatorForSupervisedDataset, pad_batch
 from vir.data.conversation import (
     DEFAULT_IMAGE_TOKEN,
     IGNORE_INDEX,
-    TEMPLATES,
     InvalidRecordError,
     Message,
     Record,
+    normalize_record,
+)
+from vir.data.dataset import COUNTERS, LazySupervisedDataset, SampleReport
+from vir.data.images import black_image, expand_to_square, load_image, preprocess_images, to_rgb
+from vir.data.records import DataFileError, read_raw_records
+from vir.data.templates import (
+    TEMPLATES,
     TruncationResult,
     build_example,
     build_generation_prompt,
     get_template,
-    normalize_record,
     truncate_example,
 )
-from vir.data.dataset import COUNTERS, LazySupervisedDataset, SampleReport
-from vir.data.records import DataFileError, read_raw_records
-from vir.data.images import black_image, expand_to_square, load_image, preprocess_images, to_rgb
 
 __all__ = [
     "COUNTERS",

@@ -17,19 +17,11 @@ import torch
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from vir.data.conversation import (
-    DEFAULT_IMAGE_TOKEN,
-    InvalidRecordError,
-    Record,
-    TruncationResult,
-    build_example,
-    get_template,
-    normalize_record,
-    truncate_example,
-)
+from vir.data.conversation import DEFAULT_IMAGE_TOKEN, InvalidRecordError, Record, normalize_record
 from vir.data.counters import SharedCounters
 from vir.data.images import IMAGE_ASPECT_RATIOS, IMAGE_OK, black_image, load_image, preprocess_images
 from vir.data.records import RecordStore, read_raw_records
+from vir.data.templates import TruncationResult, build_example, get_template, truncate_example
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from vir.data.conversation import Message, build_generation_prompt
+from vir.data.conversation import Message
+from vir.data.templates import build_generation_prompt
 from vir.data.images import preprocess_images
 
 

@@ -20,7 +20,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from vir.data.conversation import IGNORE_INDEX, build_example, build_generation_prompt
+from vir.data.conversation import IGNORE_INDEX
+from vir.data.templates import build_example, build_generation_prompt
 from vir.data.synthetic import accuracy_by_type
 from vir.models.builder import llm_fields_from_sizes
 from vir.recipes.common import (
