@@ -190,3 +190,21 @@ def test_loading_a_plain_llama_reports_only_llm_weights_it_lacks(tmp_path, llm_d
         build_all(compose_config([f"model.llm.path={broken}"]))
     assert "model.layers.1.mlp.up_proj.weight" in caplog.text and "lacks 1 weights" in caplog.text
     assert "LOAD REPORT" not in caplog.text
+
+
+def test_a_saved_llava_dir_without_its_projector_is_reported(tmp_path, tokenizer_dir, caplog):
+    """For a saved LLaVA directory the tower and projector are part of the checkpoint: missing ones are named."""
+    from safetensors.torch import load_file, save_file
+
+    overrides = ["~experiment", "model.projector_type=linear"]
+    model, tokenizer, _ = build_all(compose_config([*overrides, f"model.tokenizer_path={tokenizer_dir}"]))
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    kept = {k: v for k, v in weights.items() if "mm_projector" not in k}
+    assert len(kept) < len(weights)
+    save_file(kept, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with caplog.at_level("WARNING"):
+        build_all(compose_config([*overrides, f"model.llm.path={tmp_path}"]))
+    assert "lacks 2 weights" in caplog.text and "model.mm_projector.weight" in caplog.text
+    assert "LOAD REPORT" not in caplog.text

@@ -173,12 +173,14 @@ _MULTIMODAL_PREFIXES = ("model.vision_tower.", "model.mm_projector.")
 
 
 def _drop_load_report(record: logging.LogRecord) -> bool:
-    return "LOAD REPORT" not in str(record.msg)
+    """Drop transformers' load table unless it explains an error it raises next (size mismatch, conversion)."""
+    message = str(record.msg)
+    return "LOAD REPORT" not in message or "MISMATCH" in message or "CONVERSION" in message
 
 
 def _load_llm(path: Any, config: LlavaLlamaConfig, **kwargs: Any) -> LlavaLlamaForCausalLM:
     """`from_pretrained` without transformers' table of the tower/projector keys a plain Llama directory lacks
-    (expected); any other missing key is still reported, by name."""
+    (expected); any other missing key (any at all for a saved LLaVA directory) is still reported, by name."""
     hf_logger = logging.getLogger("transformers.modeling_utils")
     hf_logger.addFilter(_drop_load_report)
     try:
@@ -187,7 +189,8 @@ def _load_llm(path: Any, config: LlavaLlamaConfig, **kwargs: Any) -> LlavaLlamaF
         )
     finally:
         hf_logger.removeFilter(_drop_load_report)
-    missing = sorted(k for k in info["missing_keys"] if not k.startswith(_MULTIMODAL_PREFIXES))
+    expected_absent = _MULTIMODAL_PREFIXES if _read_llm_config(path).model_type == "llama" else ()
+    missing = sorted(k for k in info["missing_keys"] if not k.startswith(expected_absent))
     if missing:
         logger.warning("model.llm.path=%s lacks %d weights (randomly initialised): %s", path, len(missing),
                        ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""))
