@@ -29,7 +29,8 @@ def run(cfg: DictConfig) -> int:
     print(f"\nrun dir: {cfg.training.output_dir}  ({time.time() - start:.0f} s)")
     if "per_type" in result:
         print(format_metrics(result))
-        print(f"test accuracy: {result['accuracy']:.3f} (blind baseline {result.get('blind_accuracy', float('nan')):.3f})")
+        blind = result.get("blind_accuracy", float("nan"))
+        print(f"test accuracy: {result['accuracy']:.3f} (blind baseline {blind:.3f})")
     else:
         print(json.dumps(result, indent=2))
     return 0
