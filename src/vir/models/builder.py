@@ -153,9 +153,10 @@ def build_model(
         model = LlavaLlamaForCausalLM._from_config(config, dtype=dtype, attn_implementation=attn)
     else:
         # Load with the checkpoint's vocabulary size, then grow it for the tokens the tokenizer added.
+        source = _read_llm_config(model_cfg.llm.path)
         load_config = copy.deepcopy(config)
-        load_config.vocab_size = _read_llm_config(model_cfg.llm.path).vocab_size
-        model = _load_llm(model_cfg.llm.path, load_config, dtype=dtype, attn_implementation=attn)
+        load_config.vocab_size = source.vocab_size
+        model = _load_llm(model_cfg.llm.path, load_config, source.model_type, dtype=dtype, attn_implementation=attn)
         resize_token_embeddings_mean_init(model, config.vocab_size)
     if model_cfg.vision_tower.path:
         model.get_vision_tower().load_pretrained_weights(model_cfg.vision_tower.path)
@@ -178,9 +179,10 @@ def _drop_load_report(record: logging.LogRecord) -> bool:
     return "LOAD REPORT" not in message or "MISMATCH" in message or "CONVERSION" in message
 
 
-def _load_llm(path: Any, config: LlavaLlamaConfig, **kwargs: Any) -> LlavaLlamaForCausalLM:
+def _load_llm(path: Any, config: LlavaLlamaConfig, source_type: str, **kwargs: Any) -> LlavaLlamaForCausalLM:
     """`from_pretrained` without transformers' table of the tower/projector keys a plain Llama directory lacks
-    (expected); any other missing key (any at all for a saved LLaVA directory) is still reported, by name."""
+    (expected, when `source_type`, the checkpoint's model_type, is "llama"); any other missing key (any at all
+    for a saved LLaVA directory) is still reported, by name."""
     hf_logger = logging.getLogger("transformers.modeling_utils")
     hf_logger.addFilter(_drop_load_report)
     try:
@@ -189,7 +191,7 @@ def _load_llm(path: Any, config: LlavaLlamaConfig, **kwargs: Any) -> LlavaLlamaF
         )
     finally:
         hf_logger.removeFilter(_drop_load_report)
-    expected_absent = _MULTIMODAL_PREFIXES if _read_llm_config(path).model_type == "llama" else ()
+    expected_absent = _MULTIMODAL_PREFIXES if source_type == "llama" else ()
     missing = sorted(k for k in info["missing_keys"] if not k.startswith(expected_absent))
     if missing:
         logger.warning("model.llm.path=%s lacks %d weights (randomly initialised): %s", path, len(missing),

@@ -99,10 +99,9 @@ def plan_train(spec: SyntheticConfig) -> SplitPlan:
     rng = split_rng(spec, "train")
     n = spec.num_train
     text_only = set(rng.choice(n, size=min(n, round(spec.text_only_fraction * n)), replace=False).tolist())
-    num_captions = min(n - len(text_only), round(spec.caption_fraction * n))
-    not_text = np.array([i for i in range(n) if i not in text_only], dtype=np.int64)
-    captions = set(rng.choice(not_text, size=num_captions, replace=False).tolist()) if num_captions else set()
     with_image = [i for i in range(n) if i not in text_only]
+    num_captions = min(len(with_image), round(spec.caption_fraction * n))
+    captions = set(rng.choice(with_image, size=num_captions, replace=False).tolist()) if num_captions else set()
     broken_rng = split_rng(spec, "broken")
     broken_idx = broken_rng.choice(with_image, size=min(spec.num_broken, len(with_image)), replace=False)
     broken = {int(i): BROKEN_KINDS[k % len(BROKEN_KINDS)] for k, i in enumerate(sorted(broken_idx.tolist()))}
