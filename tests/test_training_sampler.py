@@ -76,3 +76,25 @@ def test_deterministic_per_seed_and_epoch():
     again.set_epoch(0)
     assert list(again) == epoch0
     assert list(ModalityGroupedSampler(lengths, 8, seed=4)) != epoch0
+
+
+def _padded_tokens(indices: list[int], lengths: list[int], batch_size: int) -> int:
+    return sum(len(b) * max(abs(lengths[i]) for i in b) for b in _batches(indices, batch_size))
+
+
+def test_length_grouping_cuts_padding_and_keeps_batches_single_modality():
+    lengths = _lengths(32 * 8 * 4, 32 * 8)  # whole megabatches of 8 batches of 4 in both modalities
+    plain = modality_grouped_indices(lengths, 4, torch.Generator().manual_seed(0))
+    grouped = modality_grouped_indices(lengths, 32, torch.Generator().manual_seed(0), batch_size=4)
+    assert sorted(grouped) == list(range(len(lengths)))
+    assert not [b for b in _batches(grouped, 4) if _is_mixed(b, lengths)]
+    # Lengths are uniform in 5..200: similar-length batches pad far less than LLaVA's per-batch grouping.
+    assert _padded_tokens(grouped, lengths, 4) < 0.75 * _padded_tokens(plain, lengths, 4)
+    # The batches are shuffled, not left in each megabatch's long-to-short order.
+    firsts = [abs(lengths[b[0]]) for b in _batches(grouped, 4)[:8]]
+    assert firsts != sorted(firsts, reverse=True)
+
+
+def test_length_grouping_needs_a_batch_size_that_divides_the_megabatch():
+    with pytest.raises(ValueError, match="batch_size=3 must divide megabatch_size=8"):
+        modality_grouped_indices(_lengths(8, 0), 8, batch_size=3)

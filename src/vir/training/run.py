@@ -124,6 +124,7 @@ def run_training(cfg: DictConfig, visualizer_samples: Optional[list] = None) -> 
         mm_projector_lr=cfg.training.mm_projector_lr,
         vision_tower_lr=cfg.training.vision_tower_lr,
         group_by_modality_length=cfg.training.group_by_modality_length,
+        length_grouping=cfg.training.length_grouping,
     )
     result = trainer.train(resume_from_checkpoint=cfg.training.resume_from_checkpoint)
     trainer.save_model(str(output_dir))

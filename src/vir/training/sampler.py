@@ -10,7 +10,10 @@ from torch.utils.data import Sampler
 
 
 def modality_grouped_indices(
-    modality_lengths: Sequence[int], megabatch_size: int, generator: Optional[torch.Generator] = None
+    modality_lengths: Sequence[int],
+    megabatch_size: int,
+    generator: Optional[torch.Generator] = None,
+    batch_size: Optional[int] = None,
 ) -> List[int]:
     """A permutation of `range(len(modality_lengths))` (pure).
 
@@ -19,7 +22,13 @@ def modality_grouped_indices(
     megabatches of both modalities are then shuffled together and the (at most two) partial ones go last, as in
     LLaVA: a partial megabatch in the middle would shift every later batch boundary, so batches (of a size
     dividing `megabatch_size`) would straddle two megabatches and mix modalities; at the end only the tail can.
+
+    With `batch_size` (a divisor of `megabatch_size`, e.g. a megabatch of 32 batches as HF's `group_by_length`
+    uses 50), each sorted full megabatch is cut into batches of similar length and those batches, not whole
+    megabatches, are shuffled: little padding, and no run of long-to-short batches.
     """
+    if batch_size is not None and (batch_size < 1 or megabatch_size % batch_size):
+        raise ValueError(f"batch_size={batch_size} must divide megabatch_size={megabatch_size}")
     full: List[List[int]] = []
     partial: List[List[int]] = []
     for sign in (1, -1):
@@ -31,6 +40,8 @@ def modality_grouped_indices(
         for start in range(0, len(shuffled), megabatch_size):
             chunk = sorted(shuffled[start : start + megabatch_size], key=lambda i: -abs(modality_lengths[i]))
             (full if len(chunk) == megabatch_size else partial).append(chunk)
+    if batch_size is not None:
+        full = [chunk[j : j + batch_size] for chunk in full for j in range(0, len(chunk), batch_size)]
     order = torch.randperm(len(full), generator=generator).tolist()
     return [i for k in order for i in full[k]] + [i for chunk in partial for i in chunk]
 
@@ -38,9 +49,12 @@ def modality_grouped_indices(
 class ModalityGroupedSampler(Sampler[int]):
     """Sampler over `dataset.modality_lengths` (see `modality_grouped_indices`); new order every epoch."""
 
-    def __init__(self, modality_lengths: Sequence[int], megabatch_size: int, seed: int = 0):
+    def __init__(
+        self, modality_lengths: Sequence[int], megabatch_size: int, seed: int = 0, batch_size: Optional[int] = None
+    ):
         self.modality_lengths = list(modality_lengths)
         self.megabatch_size = megabatch_size
+        self.batch_size = batch_size
         self.seed = seed
         self.epoch = 0
 
@@ -53,4 +67,4 @@ class ModalityGroupedSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         self.epoch += 1
-        return iter(modality_grouped_indices(self.modality_lengths, self.megabatch_size, generator))
+        return iter(modality_grouped_indices(self.modality_lengths, self.megabatch_size, generator, self.batch_size))

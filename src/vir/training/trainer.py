@@ -67,7 +67,8 @@ class LlavaTrainer(Trainer):
 
     Extra keyword arguments: `image_processor` and `run_config` (the resolved Hydra config) are written
     next to the weights; `mm_projector_lr` / `vision_tower_lr` override the learning rate of those parts;
-    `group_by_modality_length` batches multimodal and text-only samples apart (LLaVA's sampler).
+    `group_by_modality_length` batches multimodal and text-only samples apart (LLaVA's sampler); `length_grouping`
+    > 1 also batches samples of similar length (megabatches of that many step batches).
     """
 
     def __init__(
@@ -78,10 +79,14 @@ class LlavaTrainer(Trainer):
         mm_projector_lr: Optional[float] = None,
         vision_tower_lr: Optional[float] = None,
         group_by_modality_length: bool = False,
+        length_grouping: int = 1,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.group_by_modality_length = group_by_modality_length
+        if length_grouping < 1:
+            raise ValueError(f"training.length_grouping={length_grouping} must be >= 1")
+        self.length_grouping = length_grouping
         self.image_processor = image_processor
         self.run_config = run_config
         self.mm_projector_lr = mm_projector_lr
@@ -90,8 +95,10 @@ class LlavaTrainer(Trainer):
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset
         if self.group_by_modality_length and hasattr(dataset, "modality_lengths"):
-            megabatch = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
-            return ModalityGroupedSampler(dataset.modality_lengths, megabatch, seed=self.args.seed)
+            step_batch = self.args.train_batch_size * self.args.world_size  # one forward pass over all ranks
+            megabatch = step_batch * self.args.gradient_accumulation_steps * self.length_grouping
+            return ModalityGroupedSampler(dataset.modality_lengths, megabatch, seed=self.args.seed,
+                                          batch_size=step_batch if self.length_grouping > 1 else None)
         return super()._get_train_sampler(train_dataset)
 
     def create_optimizer(self, model=None):
