@@ -136,6 +136,17 @@ def test_tower_retrains_when_the_config_changes(tmp_path):
     assert first["fingerprint"] != second["fingerprint"] and _metrics(tmp_path) == second
 
 
+def test_tower_fingerprint_follows_the_scenes_not_the_question_records():
+    from vir.recipes.vision_base import vision_fingerprint
+
+    same = vision_fingerprint(SPEC, TOWER, VISION)
+    records_only = dataclasses.replace(SPEC, num_train=999, multi_turn_fraction=0.9, max_turns=5,
+                                       question_mix={"count": 1.0}, sentence_answer_fraction=0.0)
+    assert vision_fingerprint(records_only, TOWER, VISION) == same
+    for change in ({"colours": ["red", "blue"]}, {"jitter": 0}, {"seed": 1}, {"max_objects": 3}):
+        assert vision_fingerprint(dataclasses.replace(SPEC, **change), TOWER, VISION) != same, change
+
+
 def test_tower_geometry_must_give_one_patch_per_cell(tmp_path):
     with pytest.raises(ValueError, match="model.vision_tower.image_size=64 / patch_size=8"):
         pretrain_vision_tower(tmp_path, SPEC, dataclasses.replace(TOWER, patch_size=8), VISION)

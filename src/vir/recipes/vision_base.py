@@ -137,8 +137,7 @@ def pretrain_vision_tower(
     tower = as_dataclass(VisionTowerConfig, tower_cfg)
     cfg = as_dataclass(VisionPretrainConfig, pretrain_cfg)
     _check_geometry(spec, tower)
-    digest = fingerprint({"kind": "vision", "spec": dataclasses.asdict(spec), "tower": _tower_fields(tower),
-                          "pretrain": dataclasses.asdict(cfg)})
+    digest = vision_fingerprint(spec, tower, cfg)
     done = finished_metrics(out_dir, digest, _SAVED_FILES)
     if done is not None and not force:
         logger.info("vision tower at %s matches the config (fingerprint %s); not retraining", out_dir, digest)
@@ -208,6 +207,18 @@ def _train(model, heads, train, evaluation, tower: VisionTowerConfig, cfg: Visio
                            cfg.max_seconds, step, cfg.max_steps)
             break
     return history
+
+
+# The `data.synthetic` fields the tower's images and labels depend on (`labelled_scene`): the rest (split
+# sizes, question mix, turns, ...) only shape the Q/A records, so changing them reuses a saved tower.
+_SCENE_FIELDS = ("seed", "image_size", "grid", "min_objects", "max_objects", "colours", "shapes", "jitter")
+
+
+def vision_fingerprint(spec: SyntheticConfig, tower: VisionTowerConfig, cfg: VisionPretrainConfig) -> str:
+    """Identity of a pretrained tower: the scene fields of `spec`, the tower's sizes, the pretraining config."""
+    scene = {name: getattr(spec, name) for name in _SCENE_FIELDS}
+    return fingerprint({"kind": "vision", "scene": scene, "tower": _tower_fields(tower),
+                        "pretrain": dataclasses.asdict(cfg)})
 
 
 def _check_geometry(spec: SyntheticConfig, tower: VisionTowerConfig) -> None:
