@@ -194,8 +194,9 @@ def test_modality_grouping_checkpointing_and_accumulation_train_together(bases, 
     with_images = [int(b["pixel_values"].shape[0]) for b in batches]
     assert with_images == [8, 8, 8, 8, 6]
     run.trainer.length_grouping = 2  # training.length_grouping: megabatches of 2 steps cut into step batches
+    run.trainer.group_by_modality_length = False  # implied by length_grouping > 1
     sampler = run.trainer._get_train_sampler()
-    assert (sampler.megabatch_size, sampler.batch_size) == (32, 8)
+    assert isinstance(sampler, ModalityGroupedSampler) and (sampler.megabatch_size, sampler.batch_size) == (32, 8)
 
 
 def _losses(run):

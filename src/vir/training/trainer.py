@@ -68,7 +68,7 @@ class LlavaTrainer(Trainer):
     Extra keyword arguments: `image_processor` and `run_config` (the resolved Hydra config) are written
     next to the weights; `mm_projector_lr` / `vision_tower_lr` override the learning rate of those parts;
     `group_by_modality_length` batches multimodal and text-only samples apart (LLaVA's sampler); `length_grouping`
-    > 1 also batches samples of similar length (megabatches of that many step batches).
+    > 1 (which implies it) also batches samples of similar length (megabatches of that many step batches).
     """
 
     def __init__(
@@ -94,7 +94,8 @@ class LlavaTrainer(Trainer):
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset
-        if self.group_by_modality_length and hasattr(dataset, "modality_lengths"):
+        grouped = self.group_by_modality_length or self.length_grouping > 1
+        if grouped and hasattr(dataset, "modality_lengths"):
             step_batch = self.args.train_batch_size * self.args.world_size  # one forward pass over all ranks
             megabatch = step_batch * self.args.gradient_accumulation_steps * self.length_grouping
             return ModalityGroupedSampler(dataset.modality_lengths, megabatch, seed=self.args.seed,

@@ -131,8 +131,9 @@ class TrainingConfig:
     save_steps: int = 500
     save_total_limit: Optional[int] = None
     group_by_modality_length: bool = False
-    # With group_by_modality_length: megabatches of this many optimizer-step batches are sorted by length and
-    # cut into batches of similar length (1 = LLaVA's grouping, which only balances ranks; HF uses 50).
+    # > 1: modality grouping (implied) with megabatches of this many optimizer-step batches, sorted by length
+    # and cut into batches of similar length (1 = LLaVA's grouping alone, which pads as much as no grouping
+    # on one process; HF's group_by_length uses 50).
     length_grouping: int = 1
     gradient_checkpointing: bool = False
     bf16: bool = False
