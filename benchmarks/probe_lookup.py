@@ -26,15 +26,15 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
+from vir.data.collator import pad_batch
 from vir.data.conversation import IGNORE_INDEX, Message
 from vir.data.images import preprocess_images
-from vir.data.synthetic import cell_labels, make_question, render_scene, sample_scene
+from vir.data.synthetic import SIZES, cell_labels, make_question, render_scene, sample_scene
 from vir.data.templates import build_example
 from vir.models.builder import prepare_tokenizer
+from vir.models.llava_arch import splice_image_features
 from vir.models.projector import LlavaMultiModalProjector
 from vir.utils.config_schema import SyntheticConfig
-
-NUM_CELL_FEATURES = 2 + 8 + 5 + 2 + 4 + 4  # occupied, colour, shape, size, row, column (one-hot, max sizes)
 
 
 def question_bank(spec: SyntheticConfig, types: list[str], n: int, seed: int, stream: int):
@@ -50,15 +50,17 @@ def question_bank(spec: SyntheticConfig, types: list[str], n: int, seed: int, st
 
 
 def oracle_features(scene) -> torch.Tensor:
-    """One-hot cell labels [grid*grid, NUM_CELL_FEATURES] in patch order."""
-    labels = cell_labels(scene)
+    """One-hot cell labels in patch order: [grid*grid, 2 + colours + shapes + sizes + 2 * grid] for occupied,
+    colour, shape, size (zero on empty cells), row and column."""
     grid = scene.grid
-    features = torch.zeros(grid * grid, NUM_CELL_FEATURES)
-    for cell, (occupied, colour, shape, size) in enumerate(labels.tolist()):
-        features[cell, occupied] = 1
-        if occupied:
-            features[cell, 2 + colour] = features[cell, 10 + shape] = features[cell, 15 + size] = 1
-        features[cell, 17 + cell // grid] = features[cell, 21 + cell % grid] = 1
+    sizes = (2, len(scene.colours), len(scene.shapes), len(SIZES), grid, grid)
+    offsets = np.cumsum((0, *sizes[:-1]))
+    features = torch.zeros(grid * grid, sum(sizes))
+    for cell, (occupied, colour, shape, size) in enumerate(cell_labels(scene).tolist()):
+        labels = (occupied, colour, shape, size) if occupied else (occupied,)
+        for offset, label in zip(offsets, labels):
+            features[cell, offset + label] = 1
+        features[cell, offsets[4] + cell // grid] = features[cell, offsets[5] + cell % grid] = 1
     return features
 
 
@@ -95,19 +97,16 @@ class Probe(nn.Module):
         self.image_token_id = image_token_id
 
     def forward(self, features, input_ids, attention_mask, labels=None):
-        embeds = self.llm.get_input_embeddings()(input_ids)
-        image = (input_ids == self.image_token_id).unsqueeze(-1).expand_as(embeds)
-        embeds = embeds.masked_scatter(image, self.projector(features).reshape(-1, embeds.shape[-1]))
+        embeds = splice_image_features(self.llm.get_input_embeddings()(input_ids), input_ids,
+                                       self.projector(features), self.image_token_id)
         return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels)
 
 
 def collate(examples, pad_id: int, device):
-    length = max(len(ids) for ids, _ in examples)
-    ids = torch.full((len(examples), length), pad_id)
-    labels = torch.full((len(examples), length), IGNORE_INDEX)
-    mask = torch.zeros((len(examples), length), dtype=torch.long)
-    for row, (x, y) in enumerate(examples):
-        ids[row, : len(x)], labels[row, : len(y)], mask[row, : len(x)] = torch.tensor(x), torch.tensor(y), 1
+    """(input_ids, attention_mask, labels) [B, T], right-padded as the project's collator does."""
+    ids = pad_batch([x for x, _ in examples], pad_id)
+    labels = pad_batch([y for _, y in examples], IGNORE_INDEX)
+    mask = pad_batch([[1] * len(x) for x, _ in examples], 0)
     return ids.to(device), mask.to(device), labels.to(device)
 
 
