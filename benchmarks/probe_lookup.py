@@ -10,9 +10,14 @@ shape, size, row, column) to separate the vision side from the LLM side.
 
 This is how the stage-2 learning rate was chosen: on an H200, with 13 configurations in parallel, lr 1e-3 or
 3e-3 never left the blind baseline in 8000 steps, while 3e-4 learnt count/exists/attribute (README, Status).
+The LLM side can also start from a saved base (`--init-llm`, e.g. the default's text-pretrained Llama) and
+train as stage2_lora does (`--lora-r`, `--lora-alpha`, LoRA+ `--lora-plus`, peft `--lora-save`), with
+`--beta2`, `--schedule constant` and `--rope-theta` (the pipeline's Llama uses 500000) to vary the optimiser.
 
     .venv/bin/python benchmarks/probe_lookup.py --bases runs/local_debug/bases \\
         --tokenizer runs/local_debug/data/tokenizer --steps 3000 --lr 3e-4 [--device cuda] [--oracle]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/probe_lookup.py --threads 1 --steps 2500 --eval-every 500 \\
+        --init-llm runs/local_debug/bases/llm --lora-r 16 --lr 1e-3      # ~0.33 s/step on one CPU core
 """
 
 from __future__ import annotations
@@ -146,8 +151,20 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init-llm", default=None, help="start from this HF Llama directory (else a fresh one)")
+    parser.add_argument("--rope-theta", type=float, default=10000.0)
+    parser.add_argument("--lora-r", type=int, default=0, help="LoRA on the LLM's linear layers (0 = full FT)")
+    parser.add_argument("--lora-alpha", type=float, default=None, help="default 2 * r")
+    parser.add_argument("--beta2", type=float, default=0.999, help="AdamW's beta2")
+    parser.add_argument("--schedule", default="cosine", choices=("cosine", "constant"), help="after warm-up")
+    parser.add_argument("--lora-plus", type=float, default=1.0, help="LoRA+: lora_B's lr = this x --lr")
+    parser.add_argument("--lora-save", default="", help="comma-separated modules trained fully beside LoRA "
+                        "(peft's modules_to_save), e.g. embed_tokens,lm_head")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     spec = SyntheticConfig(sentence_answer_fraction=args.sentence_fraction)
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(args.tokenizer))
@@ -165,12 +182,27 @@ def main() -> None:
     print(f"banks ready in {time.perf_counter() - start:.0f}s; features {tuple(train_feats.shape)}", flush=True)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=3 * args.hidden,
                          num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         num_key_value_heads=args.heads, max_position_embeddings=512)
-    model = Probe(LlamaForCausalLM(config), train_feats.shape[-1], image_token_id).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+                         num_key_value_heads=args.heads, max_position_embeddings=512,
+                         rope_parameters={"rope_type": "default", "rope_theta": args.rope_theta})
+    llm = LlamaForCausalLM.from_pretrained(args.init_llm) if args.init_llm else LlamaForCausalLM(config)
+    if llm.config.vocab_size < len(tokenizer):  # a base without <image>/<pad>: mean-init rows, as the builder does
+        llm.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    if args.lora_r:  # as stage2_lora: LoRA on every linear layer of the LLM (not lm_head), projector trained
+        from peft import LoraConfig, get_peft_model
+
+        llm = get_peft_model(llm, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha or 2 * args.lora_r,
+                                             lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM",
+                                             modules_to_save=[m for m in args.lora_save.split(",") if m] or None))
+    model = Probe(llm, train_feats.shape[-1], image_token_id).to(device)
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in trained if "lora_B" not in n]},
+              {"params": [p for n, p in trained if "lora_B" in n], "lr": args.lr * args.lora_plus}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, weight_decay=0.0,
+                                  betas=(0.9, args.beta2))
     warmup = max(1, args.steps // 20)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(1.0, s / args.steps))))
+    decay = (lambda s: 0.5 * (1 + np.cos(np.pi * min(1.0, s / args.steps)))) if args.schedule == "cosine" else (
+        lambda s: 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * decay(s))
     generator = torch.Generator().manual_seed(args.seed)
     pad_id = tokenizer.pad_token_id
     start = time.perf_counter()
@@ -180,7 +212,7 @@ def main() -> None:
         loss = model(train_feats[batch.to(device)], ids, mask, labels).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         optimizer.step()
         scheduler.step()
         if step % args.eval_every == 0 or step == args.steps:
