@@ -29,17 +29,19 @@ from collections import defaultdict
 import numpy as np
 import torch
 from torch import nn
-from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPVisionModel, LlamaForCausalLM
 
 from vir.data.collator import pad_batch
 from vir.data.conversation import IGNORE_INDEX, Message
 from vir.data.images import preprocess_images
 from vir.data.synthetic import SIZES, cell_labels, make_question, render_scene, sample_scene
 from vir.data.templates import build_example
-from vir.models.builder import prepare_tokenizer
+from vir.models.builder import prepare_tokenizer, resize_token_embeddings_mean_init
 from vir.models.llava_arch import splice_image_features
 from vir.models.projector import LlavaMultiModalProjector
-from vir.utils.config_schema import SyntheticConfig
+from vir.recipes.llm_base import build_llama
+from vir.training.modes import lora_target_modules
+from vir.utils.config_schema import LLMConfig, SyntheticConfig
 
 
 def question_bank(spec: SyntheticConfig, types: list[str], n: int, seed: int, stream: int):
@@ -180,21 +182,24 @@ def main() -> None:
     num_tokens = train_feats.shape[1]
     train_ex, eval_ex = (encode(p, tokenizer, image_token_id, num_tokens) for p in (train_pairs, eval_pairs))
     print(f"banks ready in {time.perf_counter() - start:.0f}s; features {tuple(train_feats.shape)}", flush=True)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=3 * args.hidden,
-                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         num_key_value_heads=args.heads, max_position_embeddings=512,
-                         rope_parameters={"rope_type": "default", "rope_theta": args.rope_theta})
-    llm = LlamaForCausalLM.from_pretrained(args.init_llm) if args.init_llm else LlamaForCausalLM(config)
-    if llm.config.vocab_size < len(tokenizer):  # a base without <image>/<pad>: mean-init rows, as the builder does
-        llm.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    if args.init_llm:
+        llm = LlamaForCausalLM.from_pretrained(args.init_llm)
+        resize_token_embeddings_mean_init(llm, len(tokenizer))  # a base without <image>/<pad>, as the builder does
+    else:
+        llm = build_llama(LLMConfig(hidden_size=args.hidden, intermediate_size=3 * args.hidden,
+                                    num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                                    num_key_value_heads=args.heads, max_position_embeddings=512,
+                                    rope_theta=args.rope_theta), tokenizer)
     if args.lora_r:  # as stage2_lora: LoRA on every linear layer of the LLM (not lm_head), projector trained
         from peft import LoraConfig, get_peft_model
 
         llm = get_peft_model(llm, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha or 2 * args.lora_r,
-                                             lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM",
+                                             lora_dropout=0.0, target_modules=lora_target_modules(llm),
+                                             task_type="CAUSAL_LM",
                                              modules_to_save=[m for m in args.lora_save.split(",") if m] or None))
     model = Probe(llm, train_feats.shape[-1], image_token_id).to(device)
     trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    trained_params = [p for _, p in trained]
     groups = [{"params": [p for n, p in trained if "lora_B" not in n]},
               {"params": [p for n, p in trained if "lora_B" in n], "lr": args.lr * args.lora_plus}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, weight_decay=0.0,
@@ -212,7 +217,7 @@ def main() -> None:
         loss = model(train_feats[batch.to(device)], ids, mask, labels).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        torch.nn.utils.clip_grad_norm_(trained_params, 1.0)
         optimizer.step()
         scheduler.step()
         if step % args.eval_every == 0 or step == args.steps:
