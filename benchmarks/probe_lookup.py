@@ -13,6 +13,7 @@ This is how the stage-2 learning rate was chosen: on an H200, with 13 configurat
 The LLM side can also start from a saved base (`--init-llm`, e.g. the default's text-pretrained Llama) and
 train as stage2_lora does (`--lora-r`, `--lora-alpha`, LoRA+ `--lora-plus`, peft `--lora-save`), with
 `--beta2`, `--schedule constant` and `--rope-theta` (the pipeline's Llama uses 500000) to vary the optimiser.
+`--aux-types locate` adds training-only sub-skill questions ("Where is the red circle?") to the rotation.
 
     .venv/bin/python benchmarks/probe_lookup.py --bases runs/local_debug/bases \\
         --tokenizer runs/local_debug/data/tokenizer --steps 3000 --lr 3e-4 [--device cuda] [--oracle]
@@ -148,6 +149,8 @@ def main() -> None:
     parser.add_argument("--train-questions", type=int, default=20000)
     parser.add_argument("--eval-questions", type=int, default=600)
     parser.add_argument("--types", default="count,exists,attribute,relation")
+    parser.add_argument("--aux-types", default="", help="training-only question types in the rotation, e.g. "
+                        "locate (never evaluated)")
     parser.add_argument("--sentence-fraction", type=float, default=0.0)
     parser.add_argument("--oracle", action="store_true", help="one-hot cell labels instead of the tower")
     parser.add_argument("--eval-every", type=int, default=250)
@@ -175,7 +178,8 @@ def main() -> None:
     processor = CLIPImageProcessorPil.from_pretrained(f"{args.bases}/clip")
     types = args.types.split(",")
     start = time.perf_counter()
-    train_pairs = question_bank(spec, types, args.train_questions, args.seed, 0)
+    train_types = types + [t for t in args.aux_types.split(",") if t]
+    train_pairs = question_bank(spec, train_types, args.train_questions, args.seed, 0)
     eval_pairs = question_bank(spec, types, args.eval_questions, args.seed, 1)
     train_feats, eval_feats = (scene_features(p, tower, processor, spec.image_size, args.oracle, device)
                                for p in (train_pairs, eval_pairs))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -126,6 +127,9 @@ def _solve(scene: Scene, program: dict) -> str:
         return _only(scene, colour=program["colour"]).shape
     if op == "size_of":
         return _only(scene, colour=program["colour"], shape=program["shape"]).size
+    if op == "locate":
+        obj = _only(scene, colour=program["colour"], shape=program["shape"])
+        return f"row {obj.row + 1}, column {obj.col + 1}"
     a, b = _only(scene, **program["a"]), _only(scene, **program["b"])
     holds = {"left": a.col < b.col, "right": a.col > b.col, "above": a.row < b.row, "below": a.row > b.row}
     if op == "relation_yesno":
@@ -180,6 +184,26 @@ def test_answers_are_balanced_so_the_text_alone_does_not_solve_them():
     assert 0.4 < yes_no < 0.6
     count_share = {n: by_type["count"][n] / sum(by_type["count"].values()) for n in NUMBERS[:4]}
     assert all(0.15 < share < 0.35 for share in count_share.values()), count_share
+
+
+def test_training_only_locate_questions_are_in_train_and_never_in_eval_or_test():
+    spec = dataclasses.replace(SMALL, train_locate_fraction=0.3, multi_turn_fraction=0.0, caption_fraction=0.0)
+    plans = plan_splits(spec, splits=("train", "test"))
+    train = plans["train"]
+    share = train.question_types["locate"] / sum(train.question_types.values())
+    checked = 0
+    assert 0.15 < share < 0.45, train.question_types
+    for record, image in zip([r for r in train.records if "image" in r], train.images):
+        question, answer = (t["value"] for t in record["conversations"])
+        located = re.match(r"<image>\n(?:Where is|In which row and column is) the (\w+ \w+)\?", question)
+        if located:
+            (obj,) = [o for o in image.scene.objects if o.name == located.group(1)]
+            assert f"row {obj.row + 1}, column {obj.col + 1}" in answer
+            checked += 1
+    assert checked == train.question_types["locate"] > 0
+    assert "locate" not in plans["test"].question_types
+    with pytest.raises(ValueError, match="train_locate_fraction"):
+        plan_splits(dataclasses.replace(SMALL, train_locate_fraction=1.0), splits=("train",))
 
 
 def test_train_training_records_are_well_formed(dataset):

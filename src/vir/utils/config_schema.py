@@ -89,6 +89,9 @@ class SyntheticConfig:
     caption_fraction: float = 0.0  # train records that ask for a caption (llama3 template), beside the Q/A
     num_broken: int = 3  # train records whose image is truncated, empty or missing (loader fallback)
     sentence_answer_fraction: float = 0.2  # questions that ask for a full-sentence answer
+    # Train questions that ask where a named object is ("row 2, column 3"): a training-only sub-skill of the
+    # attribute and relation questions; eval/test never ask it.
+    train_locate_fraction: float = 0.0
     # Question-type mix; eval and test follow it exactly (quotas), train samples from it.
     question_mix: Dict[str, float] = field(
         default_factory=lambda: {"count": 0.25, "exists": 0.25, "attribute": 0.25, "relation": 0.25}

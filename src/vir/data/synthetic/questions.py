@@ -2,7 +2,10 @@
 
 Four types: `count` (objects of a colour), `exists` (colour+shape, "no" only for near misses), `attribute`
 (colour/shape/size of a uniquely named or positioned object) and `relation` (between two uniquely named
-objects). A question that names an object is only generated when the name picks exactly one object. The
+objects). A fifth, `locate` ("Where is the red circle?" -> "row 2, column 3"), is a training-only
+sub-skill (`train_locate_fraction`): it reads out the position that attribute-at and relation questions
+need, and eval/test never ask it. A question that names an object is only generated when the name picks
+exactly one object. The
 answer style follows from the question text alone: questions ending in `SENTENCE_SUFFIX` get a sentence,
 all others one word.
 """
@@ -27,7 +30,8 @@ from vir.data.synthetic.language import (
 from vir.data.synthetic.scene import Scene, SceneObject
 from vir.utils.config_schema import SyntheticConfig
 
-QUESTION_TYPES = ("count", "exists", "attribute", "relation")
+QUESTION_TYPES = ("count", "exists", "attribute", "relation")  # what eval/test ask, in `question_mix`
+AUX_QUESTION_TYPES = ("locate",)  # training-only sub-skills
 MAX_TARGET_COUNT = 3  # count answers are drawn uniformly from 0..3 so "one" is not a free majority answer
 
 
@@ -184,8 +188,21 @@ def _relation(rng, scene: Scene, spec, sentence, strict) -> Optional[Question]:
     return _finish("relation", text, sentence, "yes" if want_yes else "no", long, program)
 
 
+def _locate(rng, scene: Scene, spec, sentence, strict) -> Optional[Question]:
+    names = Counter(o.name for o in scene.objects)
+    named = [o for o in scene.objects if names[o.name] == 1]
+    if not named:
+        return None
+    obj = choice(rng, named)
+    where = f"row {obj.row + 1}, column {obj.col + 1}"
+    text = choice(rng, ("Where is the {n}?", "In which row and column is the {n}?")).format(n=obj.name)
+    program = {"op": "locate", "colour": obj.colour, "shape": obj.shape}
+    return _finish("locate", text, sentence, where, f"The {obj.name} is in {where}.", program)
+
+
 def _ref(obj: SceneObject) -> Dict[str, str]:
     return {"colour": obj.colour, "shape": obj.shape}
 
 
-_GENERATORS = {"count": _count, "exists": _exists, "attribute": _attribute, "relation": _relation}
+_GENERATORS = {"count": _count, "exists": _exists, "attribute": _attribute, "relation": _relation,
+               "locate": _locate}

@@ -14,7 +14,7 @@ import numpy as np
 
 from vir.data.synthetic.captions import CAPTION_INSTRUCTIONS, caption, text_only_qa
 from vir.data.synthetic.language import choice
-from vir.data.synthetic.questions import QUESTION_TYPES, Question, make_question
+from vir.data.synthetic.questions import AUX_QUESTION_TYPES, QUESTION_TYPES, Question, make_question
 from vir.data.synthetic.scene import Scene, check_spec, sample_scene
 from vir.utils.config_schema import SyntheticConfig
 
@@ -73,6 +73,8 @@ def check_mix(spec: SyntheticConfig) -> None:
         raise ValueError(
             f"data.synthetic.question_mix={mix}: keys must be among {QUESTION_TYPES}, weights >=0, sum >0"
         )
+    if not 0 <= spec.train_locate_fraction < 1:
+        raise ValueError(f"data.synthetic.train_locate_fraction={spec.train_locate_fraction}: must be in [0, 1)")
 
 
 def plan_stage1(spec: SyntheticConfig) -> SplitPlan:
@@ -105,7 +107,7 @@ def plan_train(spec: SyntheticConfig) -> SplitPlan:
     broken_rng = split_rng(spec, "broken")
     broken_idx = broken_rng.choice(with_image, size=min(spec.num_broken, len(with_image)), replace=False)
     broken = {int(i): BROKEN_KINDS[k % len(BROKEN_KINDS)] for k, i in enumerate(sorted(broken_idx.tolist()))}
-    types, weights = _mix(spec)
+    types, weights = _train_mix(spec)
     plan = SplitPlan("train")
     for i in range(n):
         record_id = f"train_{i:06d}"
@@ -188,6 +190,15 @@ def _mix(spec: SyntheticConfig) -> Tuple[List[str], np.ndarray]:
     types = [t for t in QUESTION_TYPES if spec.question_mix.get(t, 0) > 0]
     weights = np.array([spec.question_mix[t] for t in types], dtype=np.float64)
     return types, weights / weights.sum()
+
+
+def _train_mix(spec: SyntheticConfig) -> Tuple[List[str], np.ndarray]:
+    """`question_mix`, with `train_locate_fraction` of the questions moved to the training-only `locate`."""
+    types, weights = _mix(spec)
+    if spec.train_locate_fraction <= 0:
+        return types, weights
+    (locate,) = AUX_QUESTION_TYPES
+    return types + [locate], np.append(weights * (1 - spec.train_locate_fraction), spec.train_locate_fraction)
 
 
 def _quota_types(rng: np.random.Generator, spec: SyntheticConfig, n: int) -> List[str]:
