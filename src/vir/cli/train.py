@@ -4,6 +4,7 @@
     vir-train experiment=local_debug training.output_dir=runs/mine
     vir-train recipe.name=single model=llama3_8b_clip_l336 model.llm.path=... data.train_path=...
     vir-train --cfg job                         # print the composed config
+    torchrun --standalone --nproc_per_node 2 -m vir.cli.train experiment=local_debug   # data-parallel
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ def run(cfg: DictConfig) -> int:
         raise SystemExit(f"recipe.name={cfg.recipe.name!r} is not one of {', '.join(RECIPES)}")
     start = time.time()
     result = importlib.import_module(RECIPES[cfg.recipe.name]).run(cfg)
+    if not result:  # a torchrun process other than the main one: the main one reports
+        return 0
     print(f"\nrun dir: {cfg.training.output_dir}  ({time.time() - start:.0f} s)")
     if "per_type" in result:
         print(format_metrics(result))

@@ -8,6 +8,7 @@ from typing import List
 from omegaconf import DictConfig
 
 from vir.inference.evaluate import EvalItem, evaluate_run, load_eval_items
+from vir.training.distributed import run_state
 
 
 def visualizer_samples(cfg: DictConfig, num_samples: int) -> List[EvalItem]:
@@ -23,6 +24,8 @@ def run(cfg: DictConfig) -> dict:
 
     samples = visualizer_samples(cfg, cfg.recipe.num_visualizer_samples)
     outcome = run_training(cfg, visualizer_samples=samples)
+    if not run_state().is_main_process:  # under torchrun the main process evaluates and reports
+        return {}
     result = {"output_dir": str(outcome.output_dir), "steps": outcome.global_step, "train_loss": outcome.train_loss}
     if cfg.data.test_path:
         result.update(evaluate_run(Path(cfg.training.output_dir), split="test",

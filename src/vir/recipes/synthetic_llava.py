@@ -6,7 +6,9 @@
                     └─> held-out test: exact match per question type, beside a blind baseline (images blanked)
 
 Every stage consumes the previous one's artifacts through the same config keys a real run uses
-(`model.llm.path`, `model.vision_tower.path`, `model.pretrained_projector`, `data.*`).
+(`model.llm.path`, `model.vision_tower.path`, `model.pretrained_projector`, `data.*`). Under `torchrun`
+(`make train` runs two processes) rank 0 writes the data set and the bases on every core while the others
+wait, both stages train data-parallel, and rank 0 alone evaluates; the other processes return `{}`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from vir.data.synthetic import generate
 from vir.inference.evaluate import evaluate_run
 from vir.recipes.finetune import visualizer_samples
+from vir.training.distributed import main_process_first, run_state
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +60,9 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
     from vir.training.run import run_training
 
     run_dir = Path(cfg.training.output_dir)
-    paths = generate(run_dir / "data", cfg.data.synthetic)
-    llm_dir, clip_dir = build_bases(cfg.bases.output_dir, cfg, tokenizer_dir=paths.tokenizer)
+    with main_process_first():  # the others wait, then find both done
+        paths = generate(run_dir / "data", cfg.data.synthetic)
+        llm_dir, clip_dir = build_bases(cfg.bases.output_dir, cfg, tokenizer_dir=paths.tokenizer)
     stages = stage_configs(cfg, paths.root, llm_dir, clip_dir)
 
     logger.info("stage 1: projector alignment -> %s", stages["stage1"].training.output_dir)
@@ -66,6 +70,8 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
     logger.info("stage 2: %s -> %s", cfg.training.mode, run_dir)
     samples = visualizer_samples(stages["stage2"], cfg.recipe.num_visualizer_samples)
     stage2 = run_training(stages["stage2"], visualizer_samples=samples)
+    if not run_state().is_main_process:
+        return {}
 
     metrics = evaluate_run(run_dir, split=cfg.recipe.eval_split, max_new_tokens=cfg.recipe.eval_max_new_tokens,
                            batch_size=cfg.recipe.eval_batch_size)

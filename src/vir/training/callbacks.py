@@ -14,6 +14,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
+from vir.training.distributed import sum_over_processes  # noqa: E402
+
 logger = logging.getLogger(__name__)
 
 
@@ -137,12 +139,12 @@ class DataStatsCallback(TrainerCallback):
         self.output_dir = Path(output_dir)
 
     def on_train_end(self, args, state, control, **kwargs):
-        stats = self.dataset.stats()
+        stats = sum_over_processes(self.dataset.stats())  # every process loads its own share of the data
         fallback = stats.get("images_missing", 0) + stats.get("images_corrupt", 0)
         message = ", ".join(f"{k}={v}" for k, v in stats.items())
         (logger.warning if fallback or stats.get("images_refused") or stats.get("skipped") else logger.info)(
             "data pipeline counters: %s", message)
-        print(f"data pipeline: {message}")
         if args.should_save:
+            print(f"data pipeline: {message}")
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "data_stats.json").write_text(json.dumps(stats, indent=2))

@@ -129,5 +129,6 @@ def run_training(cfg: DictConfig, visualizer_samples: Optional[list] = None) -> 
     result = trainer.train(resume_from_checkpoint=cfg.training.resume_from_checkpoint)
     trainer.save_model(str(output_dir))
     trainer.save_state()
+    trainer.accelerator.wait_for_everyone()  # the next stage (any process) reads what the main one wrote
     return TrainOutcome(output_dir, trainer.state.global_step, result.training_loss,
                         trainer.state.log_history, datasets["train"].stats())
