@@ -12,8 +12,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from vir.training.distributed import sum_over_processes
+from vir.training.distributed import borrowed_cores, sum_over_processes
 
 TINY = [
     "experiment=local_debug",
@@ -36,6 +37,19 @@ TINY = [
 
 def test_sum_over_processes_is_the_identity_in_one_process():
     assert sum_over_processes({"a": 1, "b": 0}) == {"a": 1, "b": 0}
+
+
+def test_borrowed_cores_multiplies_threads_by_the_local_processes_and_restores_them(monkeypatch):
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with borrowed_cores():
+        assert torch.get_num_threads() == 2 * threads
+    assert torch.get_num_threads() == threads
+    with borrowed_cores(borrow=False):
+        assert torch.get_num_threads() == threads
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    with borrowed_cores():
+        assert torch.get_num_threads() == threads
 
 
 @pytest.mark.slow

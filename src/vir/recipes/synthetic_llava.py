@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from vir.data.synthetic import generate
 from vir.inference.evaluate import evaluate_run
 from vir.recipes.finetune import visualizer_samples
-from vir.training.distributed import main_process_first, run_state
+from vir.training.distributed import borrowed_cores, main_process_first, run_state
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +73,9 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
     if not run_state().is_main_process:
         return {}
 
-    metrics = evaluate_run(run_dir, split=cfg.recipe.eval_split, max_new_tokens=cfg.recipe.eval_max_new_tokens,
-                           batch_size=cfg.recipe.eval_batch_size)
+    with borrowed_cores():  # the other processes have returned
+        metrics = evaluate_run(run_dir, split=cfg.recipe.eval_split, max_new_tokens=cfg.recipe.eval_max_new_tokens,
+                               batch_size=cfg.recipe.eval_batch_size)
     metrics["stages"] = {
         "stage1": {"steps": stage1.global_step, "train_loss": stage1.train_loss},
         "stage2": {"steps": stage2.global_step, "train_loss": stage2.train_loss},

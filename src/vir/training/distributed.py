@@ -39,12 +39,20 @@ def main_process_first(state: PartialState | None = None) -> Iterator[None]:
     """accelerate's `main_process_first`, with the main process on the threads of every local process while
     the others wait at the barrier (it writes alone: the data set, the bases)."""
     state = state or run_state()
-    threads = torch.get_num_threads()
-    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))
     with state.main_process_first():
-        if state.is_main_process and local_processes > 1:
-            torch.set_num_threads(threads * local_processes)
-        try:
+        with borrowed_cores(state.is_main_process):
             yield
-        finally:
-            torch.set_num_threads(threads)
+
+
+@contextmanager
+def borrowed_cores(borrow: bool = True) -> Iterator[None]:
+    """While other local processes wait or have finished, this one runs on their threads too (torchrun sets
+    OMP_NUM_THREADS per process). No-op in a single-process run or with `borrow=False`."""
+    threads = torch.get_num_threads()
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if borrow and local_processes > 1:
+        torch.set_num_threads(threads * local_processes)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

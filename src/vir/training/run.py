@@ -19,6 +19,7 @@ from vir.data.dataset import LazySupervisedDataset
 from vir.inference.generate import answer_predictor
 from vir.models.builder import build_all
 from vir.training.callbacks import CurvesCallback, DataStatsCallback, SampleVisualizerCallback
+from vir.training.distributed import sum_over_processes
 from vir.training.modes import apply_training_mode
 from vir.training.trainer import LlavaTrainer
 
@@ -131,4 +132,4 @@ def run_training(cfg: DictConfig, visualizer_samples: Optional[list] = None) -> 
     trainer.save_state()
     trainer.accelerator.wait_for_everyone()  # the next stage (any process) reads what the main one wrote
     return TrainOutcome(output_dir, trainer.state.global_step, result.training_loss,
-                        trainer.state.log_history, datasets["train"].stats())
+                        trainer.state.log_history, sum_over_processes(datasets["train"].stats()))
