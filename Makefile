@@ -9,6 +9,7 @@ TORCH_VERSION := 2.13.0
 # `make train` runs the recipe data-parallel: TRAIN_PROCS processes (torchrun, gloo on CPU), the cores split
 # between them. On the 2-core machine two 1-thread processes train ~1.2-1.3x faster than one 2-thread one.
 TRAIN_PROCS ?= 2
+TRAIN_ARGS ?=  # Hydra overrides, e.g. make train TRAIN_ARGS="training.max_steps=4000"
 TRAIN_THREADS ?= $(shell n=$$(( $$(nproc) / $(TRAIN_PROCS) )); [ $$n -ge 1 ] && echo $$n || echo 1)
 
 .PHONY: install train test bench clean
@@ -24,7 +25,7 @@ install: $(STAMP)
 
 train: $(STAMP)
 	OMP_NUM_THREADS=$(TRAIN_THREADS) $(VENV)/bin/torchrun --standalone --nproc_per_node=$(TRAIN_PROCS) \
-		-m vir.cli.train experiment=local_debug
+		-m vir.cli.train experiment=local_debug $(TRAIN_ARGS)
 
 test: $(STAMP)
 	@$(PY) -m pytest -q; rc=$$?; \
