@@ -5,9 +5,8 @@ Four types: `count` (objects of a colour), `exists` (colour+shape, "no" only for
 objects). A fifth, `locate` ("Where is the red circle?" -> "row 2, column 3"), is a training-only
 sub-skill (`train_locate_fraction`): it reads out the position that attribute-at and relation questions
 need, and eval/test never ask it. A question that names an object is only generated when the name picks
-exactly one object. The
-answer style follows from the question text alone: questions ending in `SENTENCE_SUFFIX` get a sentence,
-all others one word.
+exactly one object. The answer style follows from the question text alone: questions ending in
+`SENTENCE_SUFFIX` get a sentence, all others one word.
 """
 
 from __future__ import annotations
