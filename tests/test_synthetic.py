@@ -127,9 +127,6 @@ def _solve(scene: Scene, program: dict) -> str:
         return _only(scene, colour=program["colour"]).shape
     if op == "size_of":
         return _only(scene, colour=program["colour"], shape=program["shape"]).size
-    if op == "locate":
-        obj = _only(scene, colour=program["colour"], shape=program["shape"])
-        return f"row {obj.row + 1}, column {obj.col + 1}"
     a, b = _only(scene, **program["a"]), _only(scene, **program["b"])
     holds = {"left": a.col < b.col, "right": a.col > b.col, "above": a.row < b.row, "below": a.row > b.row}
     if op == "relation_yesno":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Callable, List, Tuple
 
 import numpy as np
@@ -11,6 +10,7 @@ from vir.data.synthetic.language import (
     RELATION_PHRASES,
     RELATIONS,
     article,
+    cell_phrase,
     choice,
     corner_name,
     join_words,
@@ -44,7 +44,7 @@ def caption(rng: np.random.Generator, scene: Scene) -> str:
 
 def _object_sentence(rng: np.random.Generator, obj: SceneObject) -> str:
     what = f"{obj.size} {obj.colour} {obj.shape}"
-    where = f"row {obj.row + 1}, column {obj.col + 1}"
+    where = cell_phrase(obj.row, obj.col)
     template = choice(rng, ("{A} {what} is in {where}.", "There is {a} {what} in {where}.",
                             "{Where} has {a} {what}."))
     a = article(what)
@@ -52,8 +52,7 @@ def _object_sentence(rng: np.random.Generator, obj: SceneObject) -> str:
 
 
 def _relation_sentences(rng: np.random.Generator, scene: Scene) -> List[str]:
-    names = Counter(o.name for o in scene.objects)
-    named = [o for o in scene.objects if names[o.name] == 1]
+    named = scene.uniquely_named()
     pairs = [(a, b) for i, a in enumerate(named) for b in named[i + 1 :]]
     sentences = []
     for _ in range(min(MAX_RELATION_SENTENCES, len(pairs))):

@@ -43,12 +43,17 @@ def corner_name(row: int, col: int, grid: int) -> str | None:
     return f"{vertical}-{horizontal} corner" if vertical and horizontal else None
 
 
+def cell_phrase(row: int, col: int) -> str:
+    """The 1-based name of a cell: "row 2, column 3"."""
+    return f"row {row + 1}, column {col + 1}"
+
+
 def position_phrase(rng: np.random.Generator, row: int, col: int, grid: int) -> str:
     """A 1-based description of a cell: "row 2, column 3", or for corners half the time "the top-left corner"."""
     corner = corner_name(row, col, grid)
     if corner is not None and rng.random() < 0.5:
         return f"the {corner}"
-    return f"row {row + 1}, column {col + 1}"
+    return cell_phrase(row, col)
 
 
 def relation_holds(relation: str, a_row: int, a_col: int, b_row: int, b_col: int) -> bool:

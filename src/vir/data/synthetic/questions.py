@@ -21,6 +21,7 @@ from vir.data.synthetic.language import (
     RELATION_PHRASES,
     RELATIONS,
     SENTENCE_SUFFIX,
+    cell_phrase,
     choice,
     number_word,
     position_phrase,
@@ -159,8 +160,7 @@ def _size_of(rng, obj: SceneObject, sentence) -> Question:
 
 
 def _relation(rng, scene: Scene, spec, sentence, strict) -> Optional[Question]:
-    names = Counter(o.name for o in scene.objects)
-    named = [o for o in scene.objects if names[o.name] == 1]
+    named = scene.uniquely_named()
     pairs = [(a, b) for a in named for b in named if a is not b]
     if not pairs:
         return None
@@ -188,12 +188,11 @@ def _relation(rng, scene: Scene, spec, sentence, strict) -> Optional[Question]:
 
 
 def _locate(rng, scene: Scene, spec, sentence, strict) -> Optional[Question]:
-    names = Counter(o.name for o in scene.objects)
-    named = [o for o in scene.objects if names[o.name] == 1]
+    named = scene.uniquely_named()
     if not named:
         return None
     obj = choice(rng, named)
-    where = f"row {obj.row + 1}, column {obj.col + 1}"
+    where = cell_phrase(obj.row, obj.col)
     text = choice(rng, ("Where is the {n}?", "In which row and column is the {n}?")).format(n=obj.name)
     program = {"op": "locate", "colour": obj.colour, "shape": obj.shape}
     return _finish("locate", text, sentence, where, f"The {obj.name} is in {where}.", program)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -58,6 +59,11 @@ class Scene:
     def key(self) -> Tuple:
         """Hashable identity of the scene's content (jitter ignored), to keep eval/test apart from train."""
         return tuple((o.colour, o.shape, o.size, o.row, o.col) for o in self.objects)
+
+    def uniquely_named(self) -> List[SceneObject]:
+        """The objects whose name ("red circle") picks exactly one object, in reading order."""
+        names = Counter(o.name for o in self.objects)
+        return [o for o in self.objects if names[o.name] == 1]
 
     def to_dict(self) -> Dict[str, Any]:
         return {"grid": self.grid, "objects": [o.__dict__.copy() for o in self.objects]}
