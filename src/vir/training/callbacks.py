@@ -137,9 +137,10 @@ class DataStatsCallback(TrainerCallback):
     def __init__(self, dataset, output_dir: str | Path):
         self.dataset = dataset
         self.output_dir = Path(output_dir)
+        self.totals: dict[str, int] = {}  # the counters summed over processes, once training has ended
 
     def on_train_end(self, args, state, control, **kwargs):
-        stats = sum_over_processes(self.dataset.stats())  # every process loads its own share of the data
+        self.totals = stats = sum_over_processes(self.dataset.stats())  # each process loads its share
         fallback = stats.get("images_missing", 0) + stats.get("images_corrupt", 0)
         message = ", ".join(f"{k}={v}" for k, v in stats.items())
         (logger.warning if fallback or stats.get("images_refused") or stats.get("skipped") else logger.info)(

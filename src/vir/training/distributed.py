@@ -35,10 +35,10 @@ def sum_over_processes(counts: dict[str, int]) -> dict[str, int]:
 
 
 @contextmanager
-def main_process_first(state: PartialState | None = None) -> Iterator[None]:
+def main_process_first() -> Iterator[None]:
     """accelerate's `main_process_first`, with the main process on the threads of every local process while
     the others wait at the barrier (it writes alone: the data set, the bases)."""
-    state = state or run_state()
+    state = run_state()
     with state.main_process_first():
         with borrowed_cores(state.is_main_process):
             yield

@@ -19,7 +19,6 @@ from vir.data.dataset import LazySupervisedDataset
 from vir.inference.generate import answer_predictor
 from vir.models.builder import build_all
 from vir.training.callbacks import CurvesCallback, DataStatsCallback, SampleVisualizerCallback
-from vir.training.distributed import sum_over_processes
 from vir.training.modes import apply_training_mode
 from vir.training.trainer import LlavaTrainer
 
@@ -106,7 +105,8 @@ def run_training(cfg: DictConfig, visualizer_samples: Optional[list] = None) -> 
     }
     if "train" not in datasets:
         raise ValueError("data.train_path is not set: nothing to train on")
-    callbacks = [DataStatsCallback(datasets["train"], output_dir), CurvesCallback(output_dir)]
+    stats_callback = DataStatsCallback(datasets["train"], output_dir)
+    callbacks = [stats_callback, CurvesCallback(output_dir)]
     if visualizer_samples:
         predict = answer_predictor(tokenizer, image_processor, cfg.data, cfg.recipe.eval_max_new_tokens)
         callbacks.append(SampleVisualizerCallback(visualizer_samples, predict, output_dir))
@@ -132,4 +132,4 @@ def run_training(cfg: DictConfig, visualizer_samples: Optional[list] = None) -> 
     trainer.save_state()
     trainer.accelerator.wait_for_everyone()  # the next stage (any process) reads what the main one wrote
     return TrainOutcome(output_dir, trainer.state.global_step, result.training_loss,
-                        trainer.state.log_history, sum_over_processes(datasets["train"].stats()))
+                        trainer.state.log_history, stats_callback.totals)
