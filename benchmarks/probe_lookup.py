@@ -86,10 +86,12 @@ def scene_features(pairs, tower, processor, image_size: int, oracle: bool, devic
     return torch.cat(chunks).to(device)
 
 
-def encode(pairs, tokenizer, image_token_id: int, num_image_tokens: int):
-    """llama3-template (input_ids, labels) per question: `<image>\\n{question}` -> answer."""
+def encode(pairs, tokenizer, image_token_id: int, num_image_tokens: int, question_first: bool = False):
+    """llama3-template (input_ids, labels) per question: `<image>\\n{question}` (or `{question}\\n<image>`)
+    -> answer."""
     return [
-        build_example([Message("user", f"<image>\n{q.text}"), Message("assistant", q.answer)], tokenizer,
+        build_example([Message("user", f"{q.text}\n<image>" if question_first else f"<image>\n{q.text}"),
+                       Message("assistant", q.answer)], tokenizer,
                       "llama3", image_token_id, num_image_tokens)
         for _, q in pairs
     ]
@@ -165,6 +167,11 @@ def main() -> None:
     parser.add_argument("--lora-plus", type=float, default=1.0, help="LoRA+: lora_B's lr = this x --lr")
     parser.add_argument("--lora-save", default="", help="comma-separated modules trained fully beside LoRA "
                         "(peft's modules_to_save), e.g. embed_tokens,lm_head")
+    parser.add_argument("--standardize", action="store_true", help="z-score the tower features per dimension")
+    parser.add_argument("--proj-init-std", type=float, default=0.0, help="init std of the projector's output "
+                        "layer (0 = nn.Linear's default)")
+    parser.add_argument("--question-first", action="store_true", help="`{question}\\n<image>`: image tokens "
+                        "come after the question and can attend to it")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
@@ -183,8 +190,12 @@ def main() -> None:
     eval_pairs = question_bank(spec, types, args.eval_questions, args.seed, 1)
     train_feats, eval_feats = (scene_features(p, tower, processor, spec.image_size, args.oracle, device)
                                for p in (train_pairs, eval_pairs))
+    if args.standardize:  # per-dimension z-scores with the train bank's statistics (the tower's are ~40-norm)
+        mean, std = train_feats.mean((0, 1)), train_feats.std((0, 1)) + 1e-6
+        train_feats, eval_feats = (train_feats - mean) / std, (eval_feats - mean) / std
     num_tokens = train_feats.shape[1]
-    train_ex, eval_ex = (encode(p, tokenizer, image_token_id, num_tokens) for p in (train_pairs, eval_pairs))
+    train_ex, eval_ex = (encode(p, tokenizer, image_token_id, num_tokens, args.question_first)
+                         for p in (train_pairs, eval_pairs))
     print(f"banks ready in {time.perf_counter() - start:.0f}s; features {tuple(train_feats.shape)}", flush=True)
     if args.init_llm:
         llm = LlamaForCausalLM.from_pretrained(args.init_llm)
@@ -202,6 +213,10 @@ def main() -> None:
                                              task_type="CAUSAL_LM",
                                              modules_to_save=[m for m in args.lora_save.split(",") if m] or None))
     model = Probe(llm, train_feats.shape[-1], image_token_id).to(device)
+    if args.proj_init_std:  # the projector's output layer at this std (zero bias): image tokens at text scale
+        last = model.projector[-1]
+        nn.init.normal_(last.weight, std=args.proj_init_std)
+        nn.init.zeros_(last.bias)
     trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     trained_params = [p for _, p in trained]
     groups = [{"params": [p for n, p in trained if "lora_B" not in n]},
