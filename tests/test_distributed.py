@@ -1,7 +1,7 @@
 """`torchrun` with two gloo processes on CPU: the embedded default's recipe runs data-parallel end to end.
 
-Rank 0 writes the data set and the bases while the other waits, both stages train on two processes, rank 0
-alone evaluates and reports, and the data-pipeline counters are summed over both processes.
+Rank 0 writes the data set and the tower while the other waits, the LLM base and both stages train on two
+processes, rank 0 alone evaluates and reports, and the data-pipeline counters are summed over both processes.
 """
 
 from __future__ import annotations
@@ -68,6 +68,8 @@ def test_torchrun_two_processes_run_the_synthetic_recipe_end_to_end(tmp_path):
         assert (run_dir / name).is_file(), name
     state = json.loads((run_dir / "trainer_state.json").read_text())
     assert state["global_step"] == 4
+    # The LLM base trained data-parallel too; the tower (short) on rank 0 alone.
+    assert json.loads((run_dir / "bases/llm/pretrain_metrics.json").read_text())["processes"] == 2
     # Two processes x 4 records x 4 steps were loaded, and the saved counters say so (not one rank's half).
     stats = json.loads((run_dir / "data_stats.json").read_text())
     assert stats["images_ok"] + stats["images_corrupt"] + stats["images_missing"] >= 2 * 4 * 4 - 8

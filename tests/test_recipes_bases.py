@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -18,9 +19,11 @@ from vir.recipes import (
     DENSE_HEADS,
     build_bases,
     encode_document,
+    grid_tokens,
     pretrain_llm,
     pretrain_vision_tower,
     scene_description,
+    scene_grid,
     scene_qa_examples,
     to_messages,
 )
@@ -175,6 +178,38 @@ def test_scene_qa_examples_put_the_description_where_the_image_goes():
         assert "row" in description.lower() and question.endswith(("?", ".")) and "<image>" not in user.content
 
 
+def test_scene_grid_is_one_token_per_cell_in_reading_order():
+    rng = np.random.default_rng(4)
+    vocabulary = set(grid_tokens(SPEC))
+    assert len(vocabulary) == 1 + 2 * len(SPEC.colours) * len(SPEC.shapes)
+    for _ in range(50):
+        scene = sample_scene(rng, SPEC)
+        cells = re.findall(r"<\|grid_[a-z_]+\|>", scene_grid(scene))
+        assert "".join(cells) == scene_grid(scene) and len(cells) == SPEC.grid ** 2
+        assert set(cells) <= vocabulary
+        by_cell = {o.row * SPEC.grid + o.col: o for o in scene.objects}
+        for k, token in enumerate(cells):
+            obj = by_cell.get(k)
+            assert token == (f"<|grid_{obj.size}_{obj.colour}_{obj.shape}|>" if obj else "<|grid_empty|>")
+
+
+def test_grid_scene_qa_reads_as_one_token_per_cell(synthetic_tokenizer_dir):
+    """The grid takes the image block's place and length: grid*grid ids right after the user header."""
+    tokenizer = AutoTokenizer.from_pretrained(str(synthetic_tokenizer_dir))
+    tokenizer.add_tokens(grid_tokens(SPEC))
+    grid_ids = set(tokenizer.convert_tokens_to_ids(grid_tokens(SPEC)))
+    examples = scene_qa_examples(SPEC, 20, seed=1, stream=0, scene_format="grid")
+    for example in examples:
+        user, assistant = example["messages"]
+        grid, question = user.content.split("\n")
+        assert question.endswith(("?", ".")) and assistant.content == example["answer"]
+        ids, _ = encode_document(example["messages"], tokenizer, max_length=512, loss_on="assistant")
+        in_grid = [k for k, i in enumerate(ids) if i in grid_ids]
+        assert len(in_grid) == SPEC.grid ** 2 and in_grid == list(range(in_grid[0], in_grid[0] + SPEC.grid ** 2))
+    with pytest.raises(ValueError, match="bases.llm.scene_format"):
+        scene_qa_examples(SPEC, 2, seed=1, stream=0, scene_format="pixels")
+
+
 def test_scene_qa_follow_up_turns_ask_about_the_same_scene():
     examples = scene_qa_examples(SPEC, 30, seed=2, stream=0, turns=4)
     assert max(len(e["messages"]) for e in examples) == 8
@@ -239,6 +274,18 @@ def test_llm_is_reused_when_the_inputs_match(llm_dir, synthetic_tokenizer_dir, m
     assert metrics == _metrics(llm_dir)
     with pytest.raises(RuntimeError, match="retrained"):  # other documents: a different base
         pretrain_llm(llm_dir, synthetic_tokenizer_dir, documents[:-1], LLM, LLM_PRETRAIN)
+
+
+def test_llm_vocabulary_gains_the_extra_tokens(tmp_path, synthetic_tokenizer_dir):
+    documents = [e["messages"] for e in scene_qa_examples(SPEC, 16, seed=0, stream=0, scene_format="grid")]
+    small = dataclasses.replace(LLM_PRETRAIN, max_steps=2, eval_size=0)
+    pretrain_llm(tmp_path, synthetic_tokenizer_dir, documents, LLM, small, extra_tokens=grid_tokens(SPEC))
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path))
+    base = AutoTokenizer.from_pretrained(str(synthetic_tokenizer_dir))
+    assert len(tokenizer) == len(base) + len(grid_tokens(SPEC))
+    assert LlamaForCausalLM.from_pretrained(str(tmp_path)).config.vocab_size == len(tokenizer)
+    cell = grid_tokens(SPEC)[3]
+    assert tokenizer.convert_ids_to_tokens(tokenizer(cell, add_special_tokens=False)["input_ids"]) == [cell]
 
 
 # --- both, from a composed config --------------------------------------------------------------------------

@@ -4,12 +4,12 @@
     # then model.llm.path=llm_dir model.vision_tower.path=clip_dir, as for downloaded Llama-3 / CLIP dirs
 
 `pretrain_vision_tower` (dense per-patch heads on synthetic scenes) and `pretrain_llm` (causal LM on the
-data set's text plus text-only scene-description QA) can also be run alone.
+data set's text plus text-only QA on scenes rendered as grid tokens or descriptions) can also be run alone.
 """
 
 from vir.recipes.bases import CLIP_SUBDIR, LLM_SUBDIR, build_bases
 from vir.recipes.llm_base import answer_accuracy, build_llama, encode_document, pretrain_llm
-from vir.recipes.scene_text import scene_description, scene_qa_examples, to_messages
+from vir.recipes.scene_text import grid_tokens, scene_description, scene_grid, scene_qa_examples, to_messages
 from vir.recipes.vision_base import DENSE_HEADS, build_clip_vision, dense_accuracy, pretrain_vision_tower
 
 __all__ = [
@@ -22,9 +22,11 @@ __all__ = [
     "build_llama",
     "dense_accuracy",
     "encode_document",
+    "grid_tokens",
     "pretrain_llm",
     "pretrain_vision_tower",
     "scene_description",
+    "scene_grid",
     "scene_qa_examples",
     "to_messages",
 ]

@@ -17,8 +17,9 @@ from typing import Any, Optional, Tuple
 from vir.data.synthetic import as_spec, corpus_texts, generate
 from vir.recipes.common import PathLike, as_dataclass
 from vir.recipes.llm_base import pretrain_llm
-from vir.recipes.scene_text import scene_qa_examples
+from vir.recipes.scene_text import grid_tokens, scene_qa_examples
 from vir.recipes.vision_base import pretrain_vision_tower
+from vir.training.distributed import main_process_first
 from vir.utils.config_schema import BasesConfig
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,9 @@ def build_bases(root: PathLike, cfg: Any, tokenizer_dir: Optional[PathLike] = No
     `data.synthetic`, budgets from `bases`. The Llama's vocabulary is the synthetic data set's tokenizer:
     `tokenizer_dir`, else the `tokenizer/` of the data set at `data.image_folder` (generated when missing;
     `generate` returns at once when it is already there).
+
+    Under torchrun every process must call it: the tower is trained by the first process while the others
+    wait, the LLM data-parallel by all of them (the first one writes it).
     """
     root = Path(root)
     spec = as_spec(cfg.data.synthetic)
@@ -45,16 +49,25 @@ def build_bases(root: PathLike, cfg: Any, tokenizer_dir: Optional[PathLike] = No
         if not cfg.data.image_folder:
             raise ValueError("build_bases needs the synthetic tokenizer: set data.image_folder to the synthetic data "
                              "set's root (or pass tokenizer_dir)")
-        tokenizer_dir = generate(cfg.data.image_folder, spec).tokenizer
+        with main_process_first():
+            tokenizer_dir = generate(cfg.data.image_folder, spec).tokenizer
     clip_dir, llm_dir = root / CLIP_SUBDIR, root / LLM_SUBDIR
-    pretrain_vision_tower(clip_dir, spec, cfg.model.vision_tower, bases.vision)
+    with main_process_first():  # short: one process on every core
+        pretrain_vision_tower(clip_dir, spec, cfg.model.vision_tower, bases.vision)
     llm_cfg = bases.llm
-    documents = corpus_texts(spec) + [
+    corpus = corpus_texts(spec)
+    if llm_cfg.corpus_documents is not None:  # an even subsample, deterministic
+        step = max(1, len(corpus) // max(1, llm_cfg.corpus_documents))
+        corpus = corpus[::step][: llm_cfg.corpus_documents]
+    documents = corpus + [
         example["messages"]
         for example in scene_qa_examples(spec, llm_cfg.num_scene_qa, llm_cfg.seed, _QA_TRAIN_STREAM,
-                                         turns=llm_cfg.scene_qa_turns)
+                                         turns=llm_cfg.scene_qa_turns, scene_format=llm_cfg.scene_format)
     ]
-    eval_examples = scene_qa_examples(spec, llm_cfg.eval_size, llm_cfg.seed, _QA_EVAL_STREAM)
-    pretrain_llm(llm_dir, tokenizer_dir, documents, cfg.model.llm, llm_cfg, eval_examples=eval_examples)
+    eval_examples = scene_qa_examples(spec, llm_cfg.eval_size, llm_cfg.seed, _QA_EVAL_STREAM,
+                                      scene_format=llm_cfg.scene_format)
+    extra_tokens = grid_tokens(spec) if llm_cfg.scene_format == "grid" else ()
+    pretrain_llm(llm_dir, tokenizer_dir, documents, cfg.model.llm, llm_cfg, eval_examples=eval_examples,
+                 extra_tokens=extra_tokens)
     logger.info("base models ready: model.llm.path=%s model.vision_tower.path=%s", llm_dir, clip_dir)
     return llm_dir, clip_dir

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from vir.data.conversation import IGNORE_INDEX
@@ -34,6 +36,7 @@ from vir.recipes.common import (
     write_metrics,
 )
 from vir.recipes.scene_text import Document, to_messages
+from vir.training.distributed import sum_over_processes
 from vir.utils.config_schema import LLMConfig, LLMPretrainConfig
 
 logger = logging.getLogger(__name__)
@@ -118,22 +121,27 @@ def pretrain_llm(
     pretrain_cfg: Any = None,
     eval_examples: Optional[Sequence[Mapping]] = None,
     force: bool = False,
+    extra_tokens: Sequence[str] = (),
 ) -> Dict[str, Any]:
     """Train a random-init Llama as a causal LM on `texts`; save it with its tokenizer to `out_dir`.
 
     `texts` are documents (`corpus_texts` strings and/or message lists such as `scene_qa_examples`'
     "messages"); `llm_cfg` is `model.llm` (sizes; its `path` is ignored), `pretrain_cfg` is `bases.llm`.
     `eval_examples` (`scene_qa_examples` on held-out scenes) are scored by greedy exact match every
-    `eval_every` steps. Writes a self-contained HF Llama directory (`config.json`, `model.safetensors`,
+    `eval_every` steps. `extra_tokens` (e.g. `scene_text.grid_tokens`) join the vocabulary before the model is
+    built and are saved with its tokenizer, as a real LLM's vocabulary holds what its corpus needed. Writes a
+    self-contained HF Llama directory (`config.json`, `model.safetensors`,
     tokenizer files) and, last, `pretrain_metrics.json` (loss and accuracy over time); returns the metrics,
     or the saved ones at once when `out_dir` holds a finished run with the same inputs (unless `force`).
     """
     llm = as_dataclass(LLMConfig, llm_cfg)
     cfg = as_dataclass(LLMPretrainConfig, pretrain_cfg)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer.add_tokens([token for token in extra_tokens if token not in tokenizer.get_vocab()])
     digest = fingerprint({
         "kind": "llm", "llm": _llm_fields(llm), "pretrain": dataclasses.asdict(cfg),
         "tokenizer": Path(tokenizer_dir, "tokenizer.json").read_text(),
+        "extra_tokens": list(extra_tokens),
         "texts": [_document_key(doc) for doc in texts],
         "eval": [_document_key(example["messages"]) for example in eval_examples or ()],
     })
@@ -141,17 +149,23 @@ def pretrain_llm(
     if done is not None and not force:
         logger.info("LLM at %s matches the inputs (fingerprint %s); not retraining", out_dir, digest)
         return done
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    clear_metrics(out_dir)
+    rank, world = _process_group()
+    if rank == 0:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        clear_metrics(out_dir)
     torch.manual_seed(cfg.seed)
     model = build_llama(llm, tokenizer)
-    history = _train(model, tokenizer, texts, eval_examples or [], cfg)
+    history = _train(model, tokenizer, texts, eval_examples or [], cfg, rank, world)
+    if rank != 0:  # the first process writes the base; the others read its metrics once it has
+        dist.barrier()
+        return finished_metrics(out_dir, digest, _SAVED_FILES)
     model.save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
     metrics = {
         "fingerprint": digest,
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "num_documents": len(texts),
+        "processes": world,  # data-parallel processes that trained it (torchrun), 1 otherwise
         "train_seconds": history[-1]["seconds"],
         "steps": history[-1]["step"],
         "final": {key: history[-1][key] for key in ("loss", "accuracy") if key in history[-1]},
@@ -160,12 +174,27 @@ def pretrain_llm(
     write_metrics(out_dir, metrics)
     logger.info("LLM saved to %s after %d steps (%.0fs): %s", out_dir, metrics["steps"], metrics["train_seconds"],
                 metrics["final"])
+    if world > 1:
+        dist.barrier()
     return metrics
 
 
-def _train(model, tokenizer, texts, eval_examples, cfg: LLMPretrainConfig) -> List[Dict[str, Any]]:
+def _process_group() -> Tuple[int, int]:
+    """(rank, world size) of the run's process group; (0, 1) outside torchrun."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _train(model, tokenizer, texts, eval_examples, cfg: LLMPretrainConfig, rank: int = 0,
+           world: int = 1) -> List[Dict[str, Any]]:
+    """The training loop. With `world` > 1 processes every step draws the same `batch_size` documents on each,
+    each process trains on its share (DDP averages the gradients), and only rank 0 evaluates and logs."""
+    if cfg.batch_size % world:
+        raise ValueError(f"bases.llm.batch_size={cfg.batch_size} does not split over {world} processes")
     optimizer, scheduler = adamw_cosine(model.parameters(), cfg.learning_rate, cfg.weight_decay,
                                         cfg.warmup_ratio, cfg.max_steps)
+    forward = DistributedDataParallel(model) if world > 1 else model
     generator = torch.Generator().manual_seed(cfg.seed)
     order, cursor = torch.randperm(len(texts), generator=generator), 0
     history, seconds, window = [], 0.0, []
@@ -174,12 +203,12 @@ def _train(model, tokenizer, texts, eval_examples, cfg: LLMPretrainConfig) -> Li
         tick = time.perf_counter()
         if cursor + cfg.batch_size > len(order):
             order, cursor = torch.randperm(len(texts), generator=generator), 0
-        docs = [texts[int(i)] for i in order[cursor : cursor + cfg.batch_size]]
+        docs = [texts[int(i)] for i in order[cursor : cursor + cfg.batch_size]][rank::world]
         cursor += cfg.batch_size
         # Documents are encoded as they are drawn: a run sees far fewer of them than the corpus holds.
         batch = pad_batch([encode_document(d, tokenizer, cfg.max_length, cfg.loss_on) for d in docs],
                           tokenizer.eos_token_id)
-        loss = model(**batch).loss
+        loss = forward(**batch).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -188,7 +217,9 @@ def _train(model, tokenizer, texts, eval_examples, cfg: LLMPretrainConfig) -> Li
         seconds += time.perf_counter() - tick
         window.append(loss.item())
         out_of_time = cfg.max_seconds is not None and seconds >= cfg.max_seconds
-        if step % cfg.eval_every == 0 or step == cfg.max_steps or out_of_time:
+        if world > 1 and cfg.max_seconds is not None:  # stop together, as soon as one process is out of time
+            out_of_time = bool(sum_over_processes({"out": int(out_of_time)})["out"])
+        if (step % cfg.eval_every == 0 or step == cfg.max_steps or out_of_time) and rank == 0:
             record = {"step": step, "seconds": round(seconds, 2), "loss": round(sum(window) / len(window), 4)}
             if eval_examples:
                 tick = time.perf_counter()

@@ -1,11 +1,17 @@
-"""Text-only documents for the tiny LLM: the data set's conversations and "scene description -> QA" ones.
+"""Text-only documents for the tiny LLM: the data set's conversations and "scene -> QA" ones.
 
-A scene-QA document puts the scene's caption exactly where LLaVA puts the image block: the user turn is
-`"{description}\\n{question}"`, as a synthetic record's is `"<image>\\n{question}"`. So before the LLM ever
-sees an image it has learnt to answer count / exists / attribute / relation questions from a reading-order
-list of objects with their rows and columns, the same information the frozen tower's patch features carry.
-Relation sentences are cut from these descriptions: a stated relation would let the model copy an answer
-that it must compute from rows and columns once the description is an image.
+A scene-QA document puts a text rendering of the scene exactly where LLaVA puts the image block: the user turn
+is `"{scene}\\n{question}"`, as a synthetic record's is `"<image>\\n{question}"`. So before the LLM ever sees
+an image it has learnt to answer count / exists / attribute / relation questions about a scene it reads.
+Two renderings (`bases.llm.scene_format`):
+
+- `grid`: one token per grid cell in reading order (`<|grid_small_red_circle|>`, `<|grid_empty|>`), the
+  layout of the tower's patch tokens: grid*grid tokens, cell k at position k of the block. The look-ups the
+  task needs (find the cell that matches a name, read its neighbours' positions) are then the same in text
+  and in the image, and stage 2 only has to make the projected patches read like these tokens.
+- `description`: the stage-1 caption, a reading-order list of objects with their rows and columns, without
+  its relation sentences (a stated relation would let the model copy an answer that it must compute from
+  rows and columns once the description is an image).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from typing import Dict, List, Mapping, Sequence, Union
 import numpy as np
 
 from vir.data.conversation import Message
-from vir.data.synthetic import caption, make_question, sample_scene
+from vir.data.synthetic import SIZES, caption, make_question, sample_scene
 from vir.data.synthetic.language import RELATION_PHRASES
 from vir.utils.config_schema import SyntheticConfig
 
@@ -42,14 +48,40 @@ def scene_description(rng: np.random.Generator, scene) -> str:
     return _RELATION_SENTENCE.sub("", caption(rng, scene))
 
 
-def scene_qa_examples(spec: SyntheticConfig, n: int, seed: int, stream: int, turns: int = 1) -> List[Dict]:
+SCENE_FORMATS = ("grid", "description")
+GRID_EMPTY = "<|grid_empty|>"
+
+
+def grid_token(size: str, colour: str, shape: str) -> str:
+    return f"<|grid_{size}_{colour}_{shape}|>"
+
+
+def grid_tokens(spec: SyntheticConfig) -> List[str]:
+    """Every token `scene_grid` can emit for scenes of `spec`: the empty cell, then size x colour x shape."""
+    return [GRID_EMPTY] + [grid_token(z, c, s) for z in SIZES for c in spec.colours for s in spec.shapes]
+
+
+def scene_grid(scene) -> str:
+    """`scene` as grid*grid cell tokens in reading order, no separators (one token per tower patch)."""
+    cells = [GRID_EMPTY] * (scene.grid * scene.grid)
+    for obj in scene.objects:
+        cells[obj.row * scene.grid + obj.col] = grid_token(obj.size, obj.colour, obj.shape)
+    return "".join(cells)
+
+
+def scene_qa_examples(spec: SyntheticConfig, n: int, seed: int, stream: int, turns: int = 1,
+                      scene_format: str = "description") -> List[Dict]:
     """`n` text-only QA conversations on fresh scenes, question types drawn from `spec.question_mix`.
 
     Each is `{"messages": [user, assistant, ...], "question_type", "answer"}` (type and answer of the first
-    question). The first user turn is `"{scene_description}\n{question}"`; up to `turns - 1` follow-up
-    questions about the same scene come as further user turns (distinct questions; one the scene cannot
-    support is skipped), so one description, the long part, pays for several answers.
+    question). The first user turn is `"{scene}\n{question}"`, the scene rendered as `scene_format` (`grid`:
+    `scene_grid`, `description`: `scene_description`); up to `turns - 1` follow-up questions about the same
+    scene come as further user turns (distinct questions; one the scene cannot support is skipped), so one
+    rendering pays for several answers.
     """
+    if scene_format not in SCENE_FORMATS:
+        raise ValueError(f"unknown scene format {scene_format!r} (bases.llm.scene_format); "
+                         f"choices: {list(SCENE_FORMATS)}")
     rng = np.random.default_rng([seed, spec.seed, stream])
     types = [t for t, w in spec.question_mix.items() if w > 0]
     weights = np.array([spec.question_mix[t] for t in types], dtype=np.float64)
@@ -65,7 +97,8 @@ def scene_qa_examples(spec: SyntheticConfig, n: int, seed: int, stream: int, tur
                 questions.append(question)
         if not questions:
             continue
-        messages = [Message("user", f"{scene_description(rng, scene)}\n{questions[0].text}")]
+        text = scene_grid(scene) if scene_format == "grid" else scene_description(rng, scene)
+        messages = [Message("user", f"{text}\n{questions[0].text}")]
         for k, question in enumerate(questions):
             messages += [Message("user", question.text)] if k else []
             messages.append(Message("assistant", question.answer))

@@ -7,8 +7,9 @@
 
 Every stage consumes the previous one's artifacts through the same config keys a real run uses
 (`model.llm.path`, `model.vision_tower.path`, `model.pretrained_projector`, `data.*`). Under `torchrun`
-(`make train` runs two processes) rank 0 writes the data set and the bases on every core while the others
-wait, both stages train data-parallel, and rank 0 alone evaluates; the other processes return `{}`.
+(`make train` runs two processes) rank 0 writes the data set and the tower on every core while the others
+wait, the LLM base and both stages train data-parallel, and rank 0 alone evaluates; the other processes
+return `{}`.
 """
 
 from __future__ import annotations
@@ -60,9 +61,9 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
     from vir.training.run import run_training
 
     run_dir = Path(cfg.training.output_dir)
-    with main_process_first():  # the others wait, then find both done
+    with main_process_first():  # the others wait, then find it done
         paths = generate(run_dir / "data", cfg.data.synthetic)
-        llm_dir, clip_dir = build_bases(cfg.bases.output_dir, cfg, tokenizer_dir=paths.tokenizer)
+    llm_dir, clip_dir = build_bases(cfg.bases.output_dir, cfg, tokenizer_dir=paths.tokenizer)
     stages = stage_configs(cfg, paths.root, llm_dir, clip_dir)
 
     logger.info("stage 1: projector alignment -> %s", stages["stage1"].training.output_dir)
