@@ -194,7 +194,7 @@ def test_scene_grid_is_one_token_per_cell_in_reading_order():
 
 
 def test_grid_scene_qa_reads_as_one_token_per_cell(synthetic_tokenizer_dir):
-    """The grid takes the image block's place and length: grid*grid ids right after the user header."""
+    """The grid takes the image block's place and length: grid*grid contiguous ids before the question."""
     tokenizer = AutoTokenizer.from_pretrained(str(synthetic_tokenizer_dir))
     tokenizer.add_tokens(grid_tokens(SPEC))
     grid_ids = set(tokenizer.convert_tokens_to_ids(grid_tokens(SPEC)))
@@ -203,6 +203,7 @@ def test_grid_scene_qa_reads_as_one_token_per_cell(synthetic_tokenizer_dir):
         user, assistant = example["messages"]
         grid, question = user.content.split("\n")
         assert question.endswith(("?", ".")) and assistant.content == example["answer"]
+        assert grid.startswith("<|grid_") and grid.endswith("|>")
         ids, _ = encode_document(example["messages"], tokenizer, max_length=512, loss_on="assistant")
         in_grid = [k for k, i in enumerate(ids) if i in grid_ids]
         assert len(in_grid) == SPEC.grid ** 2 and in_grid == list(range(in_grid[0], in_grid[0] + SPEC.grid ** 2))
