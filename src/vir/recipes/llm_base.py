@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
@@ -36,7 +35,7 @@ from vir.recipes.common import (
     write_metrics,
 )
 from vir.recipes.scene_text import Document, to_messages
-from vir.training.distributed import sum_over_processes
+from vir.training.distributed import run_state, sum_over_processes
 from vir.utils.config_schema import LLMConfig, LLMPretrainConfig
 
 logger = logging.getLogger(__name__)
@@ -149,7 +148,8 @@ def pretrain_llm(
     if done is not None and not force:
         logger.info("LLM at %s matches the inputs (fingerprint %s); not retraining", out_dir, digest)
         return done
-    rank, world = _process_group()
+    state = run_state()
+    rank, world = state.process_index, state.num_processes
     if rank == 0:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         clear_metrics(out_dir)
@@ -157,7 +157,7 @@ def pretrain_llm(
     model = build_llama(llm, tokenizer)
     history = _train(model, tokenizer, texts, eval_examples or [], cfg, rank, world)
     if rank != 0:  # the first process writes the base; the others read its metrics once it has
-        dist.barrier()
+        state.wait_for_everyone()
         return finished_metrics(out_dir, digest, _SAVED_FILES)
     model.save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
@@ -174,16 +174,8 @@ def pretrain_llm(
     write_metrics(out_dir, metrics)
     logger.info("LLM saved to %s after %d steps (%.0fs): %s", out_dir, metrics["steps"], metrics["train_seconds"],
                 metrics["final"])
-    if world > 1:
-        dist.barrier()
+    state.wait_for_everyone()
     return metrics
-
-
-def _process_group() -> Tuple[int, int]:
-    """(rank, world size) of the run's process group; (0, 1) outside torchrun."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _train(model, tokenizer, texts, eval_examples, cfg: LLMPretrainConfig, rank: int = 0,
