@@ -138,6 +138,36 @@ def evaluate(model, features, examples, pairs, pad_id: int, device, blind: bool)
     return {name: round(100 * float(np.mean(v)), 1) for name, v in sorted(hits.items())}
 
 
+def fit(model, features, examples, groups, steps: int, *, lr: float, batch_size: int, schedule: str, beta2: float,
+        eval_set, pad_id: int, device, eval_every: int, seed: int, tag: str = "") -> None:
+    """AdamW (no weight decay) on parameter `groups`, linear warm-up over 5 % of `steps`, then cosine to 0 or
+    constant; random batches of `examples`. Every `eval_every` steps (and at the end) prints teacher-forced
+    exact match per type on `eval_set` = (features, examples, pairs) beside the blind baseline."""
+    eval_feats, eval_examples, eval_pairs = eval_set
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0, betas=(0.9, beta2))
+    warmup = max(1, steps // 20)
+    decay = (lambda s: 0.5 * (1 + np.cos(np.pi * min(1.0, s / steps)))) if schedule == "cosine" else (
+        lambda s: 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * decay(s))
+    params = [p for group in groups for p in group["params"]]
+    generator = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    for step in range(1, steps + 1):
+        batch = torch.randint(len(examples), (batch_size,), generator=generator)
+        ids, mask, labels = collate([examples[i] for i in batch.tolist()], pad_id, device)
+        loss = model(features[batch.to(device)], ids, mask, labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        if step % eval_every == 0 or step == steps:
+            seen = evaluate(model, eval_feats, eval_examples, eval_pairs, pad_id, device, blind=False)
+            blind = evaluate(model, eval_feats, eval_examples, eval_pairs, pad_id, device, blind=True)
+            print(f"{tag}step {step} ({time.perf_counter() - start:.0f}s) loss {loss.item():.3f} {seen} "
+                  f"blind {blind['overall']}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--bases", default="runs/local_debug/bases", help="holds clip/ (the frozen tower)")
@@ -218,33 +248,12 @@ def main() -> None:
         nn.init.normal_(last.weight, std=args.proj_init_std)
         nn.init.zeros_(last.bias)
     trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    trained_params = [p for _, p in trained]
     groups = [{"params": [p for n, p in trained if "lora_B" not in n]},
               {"params": [p for n, p in trained if "lora_B" in n], "lr": args.lr * args.lora_plus}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr, weight_decay=0.0,
-                                  betas=(0.9, args.beta2))
-    warmup = max(1, args.steps // 20)
-    decay = (lambda s: 0.5 * (1 + np.cos(np.pi * min(1.0, s / args.steps)))) if args.schedule == "cosine" else (
-        lambda s: 1.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * decay(s))
-    generator = torch.Generator().manual_seed(args.seed)
-    pad_id = tokenizer.pad_token_id
-    start = time.perf_counter()
-    for step in range(1, args.steps + 1):
-        batch = torch.randint(len(train_ex), (args.batch_size,), generator=generator)
-        ids, mask, labels = collate([train_ex[i] for i in batch.tolist()], pad_id, device)
-        loss = model(train_feats[batch.to(device)], ids, mask, labels).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trained_params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        if step % args.eval_every == 0 or step == args.steps:
-            seen = evaluate(model, eval_feats, eval_ex, eval_pairs, pad_id, device, blind=False)
-            blind = evaluate(model, eval_feats, eval_ex, eval_pairs, pad_id, device, blind=True)
-            print(f"step {step} ({time.perf_counter() - start:.0f}s) loss {loss.item():.3f} {seen} "
-                  f"blind {blind['overall']}", flush=True)
-
+    fit(model, train_feats, train_ex, [g for g in groups if g["params"]], args.steps, lr=args.lr,
+        batch_size=args.batch_size, schedule=args.schedule, beta2=args.beta2,
+        eval_set=(eval_feats, eval_ex, eval_pairs), pad_id=tokenizer.pad_token_id, device=device,
+        eval_every=args.eval_every, seed=args.seed)
 
 if __name__ == "__main__":
     main()

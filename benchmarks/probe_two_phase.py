@@ -17,9 +17,7 @@ from the default's text base (which had not learnt the look-ups) was still at 44
 from __future__ import annotations
 
 import argparse
-import time
 
-import numpy as np
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPVisionModel
@@ -31,33 +29,6 @@ from vir.training.modes import lora_target_modules
 from vir.utils.config_schema import LLMConfig, SyntheticConfig
 
 TYPES = ["count", "exists", "attribute", "relation"]
-
-
-def train(model, features, examples, steps: int, groups, tag: str, eval_set, pad_id: int, eval_every: int,
-          constant: bool) -> None:
-    """AdamW on `groups` with warm-up, then cosine (or constant); prints exact match every `eval_every`."""
-    eval_feats, eval_examples, eval_pairs = eval_set
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-    warmup = max(1, steps // 20)
-    decay = (lambda s: 1.0) if constant else (lambda s: 0.5 * (1 + np.cos(np.pi * min(1.0, s / steps))))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * decay(s))
-    generator = torch.Generator().manual_seed(1)
-    params = [p for group in groups for p in group["params"]]
-    start = time.perf_counter()
-    for step in range(1, steps + 1):
-        batch = torch.randint(len(examples), (32,), generator=generator)
-        ids, mask, labels = probe.collate([examples[i] for i in batch.tolist()], pad_id, "cpu")
-        loss = model(features[batch], ids, mask, labels).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        if step % eval_every == 0 or step == steps:
-            seen = probe.evaluate(model, eval_feats, eval_examples, eval_pairs, pad_id, "cpu", blind=False)
-            blind = probe.evaluate(model, eval_feats, eval_examples, eval_pairs, pad_id, "cpu", blind=True)
-            print(f"{tag} step {step} ({time.perf_counter() - start:.0f}s) loss {loss.item():.3f} {seen} "
-                  f"blind {blind['overall']}", flush=True)
 
 
 def main() -> None:
@@ -92,17 +63,18 @@ def main() -> None:
     llm = build_llama(LLMConfig(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                                 num_key_value_heads=4, max_position_embeddings=512, rope_theta=500000.0), tokenizer)
 
+    common = dict(batch_size=32, beta2=0.999, pad_id=pad_id, device="cpu", eval_every=args.eval_every, seed=1)
     model_a = probe.Probe(llm, oracle_a.shape[-1], image_id)
-    train(model_a, oracle_a, examples_a, args.a_steps, [{"params": list(model_a.parameters()), "lr": 3e-4}], "A",
-          (oracle_eval, examples_eval, pairs_eval), pad_id, args.eval_every, constant=False)
+    probe.fit(model_a, oracle_a, examples_a, [{"params": list(model_a.parameters())}], args.a_steps, lr=3e-4,
+              schedule="cosine", eval_set=(oracle_eval, examples_eval, pairs_eval), tag="A ", **common)
 
     lora = get_peft_model(model_a.llm, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
                                                   target_modules=lora_target_modules(model_a.llm)))
     model_b = probe.Probe(lora, tower_b.shape[-1], image_id)
     groups = [{"params": [p for p in lora.parameters() if p.requires_grad], "lr": args.b_lr},
               {"params": list(model_b.projector.parameters()), "lr": args.b_proj_lr}]
-    train(model_b, tower_b, examples_b, args.b_steps, groups, "B", (tower_eval, examples_eval, pairs_eval), pad_id,
-          args.eval_every, constant=True)
+    probe.fit(model_b, tower_b, examples_b, groups, args.b_steps, lr=args.b_lr, schedule="constant",
+              eval_set=(tower_eval, examples_eval, pairs_eval), tag="B ", **common)
 
 
 if __name__ == "__main__":
