@@ -17,13 +17,20 @@ from vir.data.images import preprocess_images
 from vir.data.synthetic import SyntheticConfig, corpus_texts, labelled_scene, sample_scene
 from vir.recipes import (
     DENSE_HEADS,
+    GRID_EMPTY,
     build_bases,
+    build_llama,
     encode_document,
+    grid_token,
+    grid_token_words,
     grid_tokens,
+    init_from_words,
     pretrain_llm,
     pretrain_vision_tower,
     scene_description,
     scene_grid,
+    SceneCaption,
+    scene_caption_examples,
     scene_qa_examples,
     to_messages,
 )
@@ -211,6 +218,26 @@ def test_grid_scene_qa_reads_as_one_token_per_cell(synthetic_tokenizer_dir):
         scene_qa_examples(SPEC, 2, seed=1, stream=0, scene_format="pixels")
 
 
+def test_scene_caption_takes_the_plain_template_with_the_grid_as_image_block(synthetic_tokenizer_dir):
+    tokenizer = AutoTokenizer.from_pretrained(str(synthetic_tokenizer_dir))
+    tokenizer.add_tokens(grid_tokens(SPEC))
+    captions = scene_caption_examples(SPEC, 10, seed=3, stream=0)
+    assert captions == scene_caption_examples(SPEC, 10, seed=3, stream=0)  # deterministic
+    for document in captions:
+        assert isinstance(document, SceneCaption) and document.caption.split()[-1].endswith(".")
+        grid_ids = tokenizer(document.scene, add_special_tokens=False)["input_ids"]
+        caption_ids = tokenizer(document.caption, add_special_tokens=False)["input_ids"]
+        assert len(grid_ids) == SPEC.grid ** 2
+        ids, labels = encode_document(document, tokenizer, max_length=512, loss_on="assistant")
+        assert ids == [tokenizer.bos_token_id] + grid_ids + caption_ids + [tokenizer.eos_token_id]
+        assert labels == [IGNORE_INDEX] * (1 + len(grid_ids)) + caption_ids + [tokenizer.eos_token_id]
+    # The stage-1 records' layout, with grid tokens where the image block's ids are.
+    image_ids, image_labels = build_example(to_messages(SceneCaption("<image>", captions[0].caption)), tokenizer,
+                                            "plain", -1, SPEC.grid ** 2)
+    ids, labels = encode_document(captions[0], tokenizer, max_length=512, loss_on="assistant")
+    assert labels == image_labels and [i for i in image_ids if i != -1] == [ids[0]] + ids[1 + SPEC.grid ** 2:]
+
+
 def test_scene_qa_follow_up_turns_ask_about_the_same_scene():
     examples = scene_qa_examples(SPEC, 30, seed=2, stream=0, turns=4)
     assert max(len(e["messages"]) for e in examples) == 8
@@ -287,6 +314,24 @@ def test_llm_vocabulary_gains_the_extra_tokens(tmp_path, synthetic_tokenizer_dir
     assert LlamaForCausalLM.from_pretrained(str(tmp_path)).config.vocab_size == len(tokenizer)
     cell = grid_tokens(SPEC)[3]
     assert tokenizer.convert_ids_to_tokens(tokenizer(cell, add_special_tokens=False)["input_ids"]) == [cell]
+
+
+def test_init_from_words_sums_the_word_embeddings(synthetic_tokenizer_dir):
+    tokenizer = AutoTokenizer.from_pretrained(str(synthetic_tokenizer_dir))
+    tokenizer.add_tokens(grid_tokens(SPEC))
+    model = build_llama(LLM, tokenizer)
+    words = grid_token_words(SPEC)
+    assert GRID_EMPTY not in words and len(words) == len(grid_tokens(SPEC)) - 1
+    cell = grid_token("small", "red", "circle")
+    assert words[cell] == "small red circle"
+    init_from_words(model, tokenizer, words)
+    table = model.get_input_embeddings().weight
+    parts = tokenizer(" small red circle", add_special_tokens=False)["input_ids"]
+    assert torch.equal(table[tokenizer.convert_tokens_to_ids(cell)], table[parts].sum(dim=0))
+    with pytest.raises(ValueError, match="grid_odd.*not in the vocabulary"):
+        init_from_words(model, tokenizer, {"<|grid_odd|>": "odd"})
+    with pytest.raises(ValueError, match="no words"):
+        init_from_words(model, tokenizer, {cell: " "})
 
 
 # --- both, from a composed config --------------------------------------------------------------------------

@@ -23,3 +23,13 @@ def test_chat_template_is_llama3(tokenizer):
         "<|start_header_id|>assistant<|end_header_id|>\n\nRed.<|eot_id|>"
     )
     assert tokenizer.eos_token == EOT
+
+
+def test_chat_headers_are_single_tokens_as_in_llama3(tokenizer):
+    # The corpus never says "user\n\n" or "assistant"; the trainer still learns the template's header text.
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Red."}]
+    ids = tokenizer.apply_chat_template(messages)["input_ids"]
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    assert tokens[:5] == ["<|begin_of_text|>", "<|start_header_id|>", "user", "<|end_header_id|>", "ĊĊ"]
+    assert tokens[tokens.index("assistant") - 1 : tokens.index("assistant") + 3] == [
+        "<|start_header_id|>", "assistant", "<|end_header_id|>", "ĊĊ"]

@@ -8,13 +8,26 @@ data set's text plus text-only QA on scenes rendered as grid tokens or descripti
 """
 
 from vir.recipes.bases import CLIP_SUBDIR, LLM_SUBDIR, build_bases
-from vir.recipes.llm_base import answer_accuracy, build_llama, encode_document, pretrain_llm
-from vir.recipes.scene_text import grid_tokens, scene_description, scene_grid, scene_qa_examples, to_messages
+from vir.recipes.llm_base import answer_accuracy, build_llama, encode_document, init_from_words, pretrain_llm
+from vir.recipes.scene_text import (
+    GRID_EMPTY,
+    SceneCaption,
+    grid_token,
+    grid_token_words,
+    grid_tokens,
+    scene_description,
+    scene_caption_examples,
+    scene_grid,
+    scene_qa_examples,
+    to_messages,
+)
 from vir.recipes.vision_base import DENSE_HEADS, build_clip_vision, dense_accuracy, pretrain_vision_tower
 
 __all__ = [
     "CLIP_SUBDIR",
     "DENSE_HEADS",
+    "GRID_EMPTY",
+    "SceneCaption",
     "LLM_SUBDIR",
     "answer_accuracy",
     "build_bases",
@@ -22,9 +35,13 @@ __all__ = [
     "build_llama",
     "dense_accuracy",
     "encode_document",
+    "grid_token",
+    "grid_token_words",
     "grid_tokens",
+    "init_from_words",
     "pretrain_llm",
     "pretrain_vision_tower",
+    "scene_caption_examples",
     "scene_description",
     "scene_grid",
     "scene_qa_examples",

@@ -17,7 +17,7 @@ from typing import Any, Optional, Tuple
 from vir.data.synthetic import as_spec, corpus_texts, generate
 from vir.recipes.common import PathLike, as_dataclass
 from vir.recipes.llm_base import pretrain_llm
-from vir.recipes.scene_text import grid_tokens, scene_qa_examples
+from vir.recipes.scene_text import grid_token_words, grid_tokens, scene_caption_examples, scene_qa_examples
 from vir.recipes.vision_base import pretrain_vision_tower
 from vir.training.distributed import main_process_first
 from vir.utils.config_schema import BasesConfig
@@ -26,8 +26,8 @@ logger = logging.getLogger(__name__)
 
 CLIP_SUBDIR = "clip"
 LLM_SUBDIR = "llm"
-# Seed streams of the LLM's scene-QA documents: training and held-out evaluation never share scenes' draws.
-_QA_TRAIN_STREAM, _QA_EVAL_STREAM = 10, 11
+# Seed streams of the LLM's scene documents: training, held-out evaluation and captions never share draws.
+_QA_TRAIN_STREAM, _QA_EVAL_STREAM, _CAPTION_STREAM = 10, 11, 12
 
 
 def build_bases(root: PathLike, cfg: Any, tokenizer_dir: Optional[PathLike] = None) -> Tuple[Path, Path]:
@@ -63,11 +63,13 @@ def build_bases(root: PathLike, cfg: Any, tokenizer_dir: Optional[PathLike] = No
         example["messages"]
         for example in scene_qa_examples(spec, llm_cfg.num_scene_qa, llm_cfg.seed, _QA_TRAIN_STREAM,
                                          turns=llm_cfg.scene_qa_turns, scene_format=llm_cfg.scene_format)
-    ]
+    ] + scene_caption_examples(spec, llm_cfg.num_scene_captions, llm_cfg.seed, _CAPTION_STREAM,
+                               scene_format=llm_cfg.scene_format)
     eval_examples = scene_qa_examples(spec, llm_cfg.eval_size, llm_cfg.seed, _QA_EVAL_STREAM,
                                       scene_format=llm_cfg.scene_format)
-    extra_tokens = grid_tokens(spec) if llm_cfg.scene_format == "grid" else ()
+    grid = llm_cfg.scene_format == "grid"
     pretrain_llm(llm_dir, tokenizer_dir, documents, cfg.model.llm, llm_cfg, eval_examples=eval_examples,
-                 extra_tokens=extra_tokens)
+                 extra_tokens=grid_tokens(spec) if grid else (),
+                 token_words=grid_token_words(spec) if grid else None)
     logger.info("base models ready: model.llm.path=%s model.vision_tower.path=%s", llm_dir, clip_dir)
     return llm_dir, clip_dir

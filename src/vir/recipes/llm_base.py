@@ -21,7 +21,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from vir.data.conversation import IGNORE_INDEX
+from vir.data.conversation import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX
 from vir.data.templates import build_example, build_generation_prompt
 from vir.data.synthetic import accuracy_by_type
 from vir.models.builder import llm_fields_from_sizes
@@ -34,7 +34,7 @@ from vir.recipes.common import (
     fingerprint,
     write_metrics,
 )
-from vir.recipes.scene_text import Document, to_messages
+from vir.recipes.scene_text import Document, SceneCaption, to_messages
 from vir.training.distributed import run_state, sum_over_processes
 from vir.utils.config_schema import LLMConfig, LLMPretrainConfig
 
@@ -59,15 +59,41 @@ def build_llama(llm: LLMConfig, tokenizer: PreTrainedTokenizerBase) -> LlamaForC
     return model
 
 
+@torch.no_grad()
+def init_from_words(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, token_words: Mapping[str, str]) -> None:
+    """Set each `token`'s input embedding to the sum of the embeddings of `words` as they read in a sentence
+    (`" " + words`, so `<|grid_small_red_circle|>` starts at Ġsmall + Ġred + Ġcircle).
+
+    A new token then starts out sharing its words' directions: attention that matches "red" in a question
+    against a scene cell is right from the first step instead of being learnt per token (the look-ups of the
+    grid base learn faster, see README Status)."""
+    embeddings = model.get_input_embeddings().weight
+    vocabulary = tokenizer.get_vocab()
+    for token, words in token_words.items():
+        if token not in vocabulary or not words.strip():
+            raise ValueError(f"cannot start {token!r} from the words {words!r}: "
+                             + ("no words" if token in vocabulary else "the token is not in the vocabulary"))
+        ids = tokenizer.encode(" " + words.strip(), add_special_tokens=False)
+        embeddings[vocabulary[token]] = embeddings[ids].sum(dim=0)
+
+
 def encode_document(
     document: Document, tokenizer: PreTrainedTokenizerBase, max_length: int, loss_on: str = "all"
 ) -> Tuple[List[int], List[int]]:
-    """A document rendered with the Llama-3 chat template -> (input_ids [T], labels [T]), cut to `max_length`.
+    """A document rendered with the Llama-3 chat template -> (input_ids [T], labels [T]), cut to `max_length`;
+    a `SceneCaption` with LLaVA's stage-1 `plain` template instead (bos, scene tokens, caption, eos).
 
     `loss_on="all"` trains every token after `<|begin_of_text|>` (plain causal LM: user turns and headers
     too); `"assistant"` only what LLaVA's llama3 template trains (assistant replies and their `<|eot_id|>`).
     """
-    input_ids, labels = build_example(to_messages(document), tokenizer, "llama3", _NO_IMAGE_ID, 1)
+    if isinstance(document, SceneCaption):  # plain template, the scene's tokens where the image block goes
+        scene_ids = tokenizer(document.scene, add_special_tokens=False)["input_ids"]
+        input_ids, labels = build_example(to_messages(SceneCaption(DEFAULT_IMAGE_TOKEN, document.caption)),
+                                          tokenizer, "plain", _NO_IMAGE_ID, len(scene_ids))
+        start = input_ids.index(_NO_IMAGE_ID)
+        input_ids[start : start + len(scene_ids)] = scene_ids
+    else:
+        input_ids, labels = build_example(to_messages(document), tokenizer, "llama3", _NO_IMAGE_ID, 1)
     if loss_on == "all":
         labels = [IGNORE_INDEX] + input_ids[1:]
     elif loss_on != "assistant":
@@ -121,6 +147,7 @@ def pretrain_llm(
     eval_examples: Optional[Sequence[Mapping]] = None,
     force: bool = False,
     extra_tokens: Sequence[str] = (),
+    token_words: Optional[Mapping[str, str]] = None,
 ) -> Dict[str, Any]:
     """Train a random-init Llama as a causal LM on `texts`; save it with its tokenizer to `out_dir`.
 
@@ -128,7 +155,9 @@ def pretrain_llm(
     "messages"); `llm_cfg` is `model.llm` (sizes; its `path` is ignored), `pretrain_cfg` is `bases.llm`.
     `eval_examples` (`scene_qa_examples` on held-out scenes) are scored by greedy exact match every
     `eval_every` steps. `extra_tokens` (e.g. `scene_text.grid_tokens`) join the vocabulary before the model is
-    built and are saved with its tokenizer, as a real LLM's vocabulary holds what its corpus needed. Writes a
+    built and are saved with its tokenizer, as a real LLM's vocabulary holds what its corpus needed;
+    `token_words` ({token: words}, `scene_text.grid_token_words`) starts those tokens' embeddings at the sum
+    of their words' (`init_from_words`). Writes a
     self-contained HF Llama directory (`config.json`, `model.safetensors`,
     tokenizer files) and, last, `pretrain_metrics.json` (loss and accuracy over time); returns the metrics,
     or the saved ones at once when `out_dir` holds a finished run with the same inputs (unless `force`).
@@ -137,10 +166,11 @@ def pretrain_llm(
     cfg = as_dataclass(LLMPretrainConfig, pretrain_cfg)
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     tokenizer.add_tokens([token for token in extra_tokens if token not in tokenizer.get_vocab()])
+    token_words = dict(token_words or {})
     digest = fingerprint({
         "kind": "llm", "llm": _llm_fields(llm), "pretrain": dataclasses.asdict(cfg),
         "tokenizer": Path(tokenizer_dir, "tokenizer.json").read_text(),
-        "extra_tokens": list(extra_tokens),
+        "extra_tokens": list(extra_tokens), "token_words": token_words,
         "texts": [_document_key(doc) for doc in texts],
         "eval": [_document_key(example["messages"]) for example in eval_examples or ()],
     })
@@ -155,6 +185,7 @@ def pretrain_llm(
         clear_metrics(out_dir)
     torch.manual_seed(cfg.seed)
     model = build_llama(llm, tokenizer)
+    init_from_words(model, tokenizer, token_words)
     history = _train(model, tokenizer, texts, eval_examples or [], cfg, rank, world)
     if rank != 0:  # the first process writes the base; the others read its metrics once it has
         state.wait_for_everyone()
@@ -235,4 +266,5 @@ def _llm_fields(llm: LLMConfig) -> Dict[str, Any]:
 
 
 def _document_key(document: Document) -> str:
-    return "\x1e".join(f"{m.role}\x1f{m.content}" for m in to_messages(document))
+    kind = "plain\x1d" if isinstance(document, SceneCaption) else ""
+    return kind + "\x1e".join(f"{m.role}\x1f{m.content}" for m in to_messages(document))

@@ -17,7 +17,7 @@ Two renderings (`bases.llm.scene_format`):
 from __future__ import annotations
 
 import re
-from typing import Dict, List, Mapping, Sequence, Union
+from typing import Dict, List, Mapping, NamedTuple, Sequence, Union
 
 import numpy as np
 
@@ -26,7 +26,17 @@ from vir.data.synthetic import SIZES, caption, make_question, sample_scene
 from vir.data.synthetic.language import RELATION_PHRASES
 from vir.utils.config_schema import SyntheticConfig
 
-Document = Union[str, Sequence[Union[Message, Mapping[str, str]]]]
+
+
+class SceneCaption(NamedTuple):
+    """A stage-1 style document: the scene's rendering in place of the image block, then its caption, laid out
+    by LLaVA's `plain` template (bos, image block, caption, eos; the caption trained)."""
+
+    scene: str
+    caption: str
+
+
+Document = Union[str, SceneCaption, Sequence[Union[Message, Mapping[str, str]]]]
 
 _RELATION_SENTENCE = re.compile(
     r" The [a-z]+ [a-z]+ is (?:" + "|".join(RELATION_PHRASES.values()) + r") the [a-z]+ [a-z]+\."
@@ -34,8 +44,11 @@ _RELATION_SENTENCE = re.compile(
 
 
 def to_messages(document: Document) -> List[Message]:
-    """A document as chat messages: a `corpus_texts` string ("turn\\nturn\\n...", user first, alternating)
-    or a list of `Message`s / `{role, content}` dicts (returned as `Message`s)."""
+    """A document as chat messages: a `corpus_texts` string ("turn\\nturn\\n...", user first, alternating),
+    a list of `Message`s / `{role, content}` dicts (returned as `Message`s), or a `SceneCaption` (the scene as
+    the user turn, the caption as the reply)."""
+    if isinstance(document, SceneCaption):
+        return [Message("user", document.scene), Message("assistant", document.caption)]
     if isinstance(document, str):
         turns = document.split("\n")
         return [Message("user" if k % 2 == 0 else "assistant", turn) for k, turn in enumerate(turns)]
@@ -61,12 +74,41 @@ def grid_tokens(spec: SyntheticConfig) -> List[str]:
     return [GRID_EMPTY] + [grid_token(z, c, s) for z in SIZES for c in spec.colours for s in spec.shapes]
 
 
+def grid_token_words(spec: SyntheticConfig) -> Dict[str, str]:
+    """The object tokens of `grid_tokens` -> the words each stands for ("small red circle"), for
+    `pretrain_llm`'s embedding initialisation; the empty cell has none."""
+    return {grid_token(z, c, s): f"{z} {c} {s}" for z in SIZES for c in spec.colours for s in spec.shapes}
+
+
 def scene_grid(scene) -> str:
     """`scene` as grid*grid cell tokens in reading order, no separators (one token per tower patch)."""
     cells = [GRID_EMPTY] * (scene.grid * scene.grid)
     for obj in scene.objects:
         cells[obj.row * scene.grid + obj.col] = grid_token(obj.size, obj.colour, obj.shape)
     return "".join(cells)
+
+
+def scene_caption_examples(spec: SyntheticConfig, n: int, seed: int, stream: int,
+                           scene_format: str = "grid") -> List[SceneCaption]:
+    """`n` `SceneCaption`s on fresh scenes: the scene rendered as `scene_format`, then the stage-1 caption the
+    data set writes for such a scene (every object with its cell, up to two relations). A base that has read
+    them captions grid tokens; stage 1 then aligns the projector by making the image caption the same way."""
+    _check_format(scene_format)
+    rng = np.random.default_rng([seed, spec.seed, stream])
+    scenes = [sample_scene(rng, spec) for _ in range(n)]
+    return [SceneCaption(render_scene(rng, scene, scene_format), caption(rng, scene)) for scene in scenes]
+
+
+def render_scene(rng: np.random.Generator, scene, scene_format: str) -> str:
+    """`scene` as `scene_grid` (`grid`) or `scene_description` (`description`, phrasing drawn from `rng`)."""
+    _check_format(scene_format)
+    return scene_grid(scene) if scene_format == "grid" else scene_description(rng, scene)
+
+
+def _check_format(scene_format: str) -> None:
+    if scene_format not in SCENE_FORMATS:
+        raise ValueError(f"unknown scene format {scene_format!r} (bases.llm.scene_format); "
+                         f"choices: {list(SCENE_FORMATS)}")
 
 
 def scene_qa_examples(spec: SyntheticConfig, n: int, seed: int, stream: int, turns: int = 1,
@@ -79,9 +121,7 @@ def scene_qa_examples(spec: SyntheticConfig, n: int, seed: int, stream: int, tur
     scene come as further user turns (distinct questions; one the scene cannot support is skipped), so one
     rendering pays for several answers.
     """
-    if scene_format not in SCENE_FORMATS:
-        raise ValueError(f"unknown scene format {scene_format!r} (bases.llm.scene_format); "
-                         f"choices: {list(SCENE_FORMATS)}")
+    _check_format(scene_format)
     rng = np.random.default_rng([seed, spec.seed, stream])
     types = [t for t, w in spec.question_mix.items() if w > 0]
     weights = np.array([spec.question_mix[t] for t in types], dtype=np.float64)
@@ -97,7 +137,7 @@ def scene_qa_examples(spec: SyntheticConfig, n: int, seed: int, stream: int, tur
                 questions.append(question)
         if not questions:
             continue
-        text = scene_grid(scene) if scene_format == "grid" else scene_description(rng, scene)
+        text = render_scene(rng, scene, scene_format)
         messages = [Message("user", f"{text}\n{questions[0].text}")]
         for k, question in enumerate(questions):
             messages += [Message("user", question.text)] if k else []

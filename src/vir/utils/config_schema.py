@@ -199,6 +199,10 @@ class LLMPretrainConfig:
     # How scene-QA documents render the scene (`vir.recipes.scene_text`): `grid` (one added token per grid cell,
     # the tower's patch layout; the look-ups transfer to images) | `description` (the caption's sentences).
     scene_format: str = "grid"
+    # Scene -> caption documents (`SceneCaption`: the scene in place of the image block, then the stage-1
+    # caption, plain template). A base that captions the rendered scene lets stage 1 align the projector
+    # against something it already reads; without them its stage-1 caption loss stays near 3.
+    num_scene_captions: int = 0
     # The data set's own conversations (captions, questions without their images) in the corpus; null = all.
     corpus_documents: Optional[int] = None
     eval_size: int = 200  # held-out scene questions (same format) scored by exact match (0 = no eval)
