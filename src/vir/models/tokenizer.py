@@ -5,10 +5,9 @@ text with the `tokenizers` library. It behaves like Llama-3's where the pipeline
 regex, byte-level BPE, `<|begin_of_text|>` added in front of every encoded text, the header/eot special
 tokens (appended after the BPE vocabulary, as in Llama-3, so id 0 is an ordinary byte token) and the
 official chat template. Like Llama-3's, it encodes the template's header text (`user`, `assistant`, `system`,
-the `\n\n` after `<|end_header_id|>`) as one token each: the trainer reads each text's turns with the header
-text the template puts around them, so a header costs 4 tokens, not 7 for a user turn and 10 for an assistant turn
-(`a`, `ss`, `i`, `st`, `an`, `t`, then two `\n`).
-It is saved as a normal HF tokenizer directory.
+the `\n\n` after `<|end_header_id|>`) as one token each: the trainer also reads the header text the template
+puts around each text's turns, so a header costs 4 tokens, not 7 (user) or 10 (assistant: `a`, `ss`, `i`, `st`,
+`an`, `t`, then two `\n`). It is saved as a normal HF tokenizer directory.
 """
 
 from __future__ import annotations

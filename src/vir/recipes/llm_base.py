@@ -60,7 +60,9 @@ def build_llama(llm: LLMConfig, tokenizer: PreTrainedTokenizerBase) -> LlamaForC
 
 
 @torch.no_grad()
-def init_from_words(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, token_words: Mapping[str, str]) -> None:
+def init_from_words(
+    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, token_words: Mapping[str, str]
+) -> None:
     """Set each `token`'s input embedding to the sum of the embeddings of `words` as they read in a sentence
     (`" " + words`, so `<|grid_small_red_circle|>` starts at Ġsmall + Ġred + Ġcircle).
 

@@ -1,4 +1,4 @@
-"""Text-only documents for the tiny LLM: the data set's conversations and "scene -> QA" ones.
+"""Text-only documents for the tiny LLM: the data set's conversations, "scene -> QA" and "scene -> caption" ones.
 
 A scene-QA document puts a text rendering of the scene exactly where LLaVA puts the image block: the user turn
 is `"{scene}\\n{question}"`, as a synthetic record's is `"<image>\\n{question}"`. So before the LLM ever sees
@@ -12,6 +12,10 @@ Two renderings (`bases.llm.scene_format`):
 - `description`: the stage-1 caption, a reading-order list of objects with their rows and columns, without
   its relation sentences (a stated relation would let the model copy an answer that it must compute from
   rows and columns once the description is an image).
+
+A `SceneCaption` puts the same rendering where stage 1's image block goes (LLaVA's `plain` layout) and the
+stage-1 caption after it, so the base writes captions of scenes it reads and stage 1's projector alignment has
+a target the base already knows.
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ from vir.data.conversation import Message
 from vir.data.synthetic import SIZES, caption, make_question, sample_scene
 from vir.data.synthetic.language import RELATION_PHRASES
 from vir.utils.config_schema import SyntheticConfig
-
 
 
 class SceneCaption(NamedTuple):
