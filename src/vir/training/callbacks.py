@@ -55,7 +55,9 @@ def write_sample_grid(path: Path, samples: Sequence, predictions: Sequence[str],
     n = len(samples)
     cols = min(4, n)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.6 * rows), squeeze=False)
+    # Constrained layout keeps each row's three title lines above its images (tight_layout let them overlap
+    # the row above).
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.6 * rows), squeeze=False, layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
     for ax, sample, prediction in zip(axes.flat, samples, predictions):
@@ -67,7 +69,6 @@ def write_sample_grid(path: Path, samples: Sequence, predictions: Sequence[str],
                      fontsize=7, color="darkgreen" if ok else "darkred")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
