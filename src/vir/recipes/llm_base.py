@@ -21,7 +21,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from vir.data.conversation import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX
+from vir.data.conversation import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, Message
 from vir.data.templates import build_example, build_generation_prompt
 from vir.data.synthetic import accuracy_by_type
 from vir.models.builder import llm_fields_from_sizes
@@ -90,8 +90,8 @@ def encode_document(
     """
     if isinstance(document, SceneCaption):  # plain template, the scene's tokens where the image block goes
         scene_ids = tokenizer(document.scene, add_special_tokens=False)["input_ids"]
-        input_ids, labels = build_example(to_messages(SceneCaption(DEFAULT_IMAGE_TOKEN, document.caption)),
-                                          tokenizer, "plain", _NO_IMAGE_ID, len(scene_ids))
+        messages = [Message("user", DEFAULT_IMAGE_TOKEN), Message("assistant", document.caption)]
+        input_ids, labels = build_example(messages, tokenizer, "plain", _NO_IMAGE_ID, len(scene_ids))
         start = input_ids.index(_NO_IMAGE_ID)
         input_ids[start : start + len(scene_ids)] = scene_ids
     else:
@@ -159,10 +159,10 @@ def pretrain_llm(
     `eval_every` steps. `extra_tokens` (e.g. `scene_text.grid_tokens`) join the vocabulary before the model is
     built and are saved with its tokenizer, as a real LLM's vocabulary holds what its corpus needed;
     `token_words` ({token: words}, `scene_text.grid_token_words`) starts those tokens' embeddings at the sum
-    of their words' (`init_from_words`). Writes a
-    self-contained HF Llama directory (`config.json`, `model.safetensors`,
-    tokenizer files) and, last, `pretrain_metrics.json` (loss and accuracy over time); returns the metrics,
-    or the saved ones at once when `out_dir` holds a finished run with the same inputs (unless `force`).
+    of their words' (`init_from_words`). Writes a self-contained HF Llama directory (`config.json`,
+    `model.safetensors`, tokenizer files) and, last, `pretrain_metrics.json` (loss and accuracy over time);
+    returns the metrics, or the saved ones at once when `out_dir` holds a finished run with the same inputs
+    (unless `force`).
     """
     llm = as_dataclass(LLMConfig, llm_cfg)
     cfg = as_dataclass(LLMPretrainConfig, pretrain_cfg)
