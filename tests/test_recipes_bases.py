@@ -35,6 +35,7 @@ from vir.recipes import (
     to_messages,
 )
 from vir.recipes.common import METRICS_FILE
+from vir.recipes.llm_base import LabelledLoss, labelled_tokens_per_document, length_grouped_batches, pad_batch
 from vir.models.builder import clip_image_processor
 from vir.recipes.vision_base import dense_labels, render_bank
 from vir.utils.config import compose_config
@@ -267,6 +268,63 @@ def test_encode_document_labels(synthetic_tokenizer_dir):
     assert encode_document(document, tokenizer, max_length=5)[0] == ids[:5]
     with pytest.raises(ValueError, match="bases.llm.loss_on"):
         encode_document(document, tokenizer, max_length=8, loss_on="answers")
+
+
+def test_labelled_loss_is_the_models_loss_on_fewer_positions(synthetic_tokenizer_dir):
+    tokenizer = AutoTokenizer.from_pretrained(str(synthetic_tokenizer_dir))
+    torch.manual_seed(0)
+    model = build_llama(LLM, tokenizer)
+    documents = [e["messages"] for e in scene_qa_examples(SPEC, 6, seed=0, stream=0)]
+    batch = pad_batch([encode_document(d, tokenizer, 512, loss_on="assistant") for d in documents],
+                      tokenizer.eos_token_id)
+    loss, tokens = LabelledLoss(model)(**batch)
+    torch.testing.assert_close(loss, model(**batch).loss)
+    assert tokens == int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) > len(documents)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    model.zero_grad()
+    unlabelled = dict(batch, labels=torch.full_like(batch["labels"], IGNORE_INDEX))
+    nothing, tokens = LabelledLoss(model)(**unlabelled)
+    nothing.backward()  # a process whose share has no labels still joins DDP's gradient reduction
+    assert nothing.item() == 0.0 and tokens == 0 and all(p.grad is not None for p in model.parameters())
+
+
+def test_labelled_tokens_per_document_counts_what_is_trained(synthetic_tokenizer_dir):
+    tokenizer = AutoTokenizer.from_pretrained(str(synthetic_tokenizer_dir))
+    answer = [{"role": "user", "content": "Is there a red circle?"}, {"role": "assistant", "content": "yes"}]
+    caption = SceneCaption("x", "There are two objects.")
+    cfg = dataclasses.replace(LLM_PRETRAIN, loss_on="assistant")
+    one = labelled_tokens_per_document([answer], tokenizer, cfg)
+    assert one == len(tokenizer("yes", add_special_tokens=False)["input_ids"]) + 1  # the answer and <|eot_id|>
+    long = labelled_tokens_per_document([caption], tokenizer, cfg)
+    assert labelled_tokens_per_document([answer, caption], tokenizer, cfg) == (one + long) / 2
+
+
+def _lengths(batch):
+    return [len(ids) for ids, _ in batch]
+
+
+def test_length_grouped_batches_cover_each_epoch_and_group_lengths(synthetic_tokenizer_dir):
+    tokenizer = AutoTokenizer.from_pretrained(str(synthetic_tokenizer_dir))
+    documents = [e["messages"] for e in scene_qa_examples(SPEC, 60, seed=0, stream=0)]
+    documents += scene_caption_examples(SPEC, 36, seed=0, stream=1, scene_format="description")
+    encoded = [encode_document(d, tokenizer, 512) for d in documents]
+
+    def epoch(grouping):
+        cfg = dataclasses.replace(LLM_PRETRAIN, batch_size=8, length_grouping=grouping)
+        batches = length_grouped_batches(documents, tokenizer, cfg, torch.Generator().manual_seed(0))
+        return [next(batches) for _ in range(len(documents) // 8)]
+
+    for grouping in (1, 4):
+        batches = epoch(grouping)
+        assert all(len(batch) == 8 for batch in batches)
+        drawn = sorted(example for batch in batches for example in batch)
+        assert drawn == sorted(encoded)  # 96 documents, 12 batches: each exactly once
+    spread = {g: sum(max(_lengths(b)) - min(_lengths(b)) for b in epoch(g)) for g in (1, 4)}
+    assert spread[4] < spread[1] / 2  # grouped batches pad far less
+    with pytest.raises(ValueError, match="bases.llm.length_grouping"):
+        next(length_grouped_batches(documents, tokenizer, dataclasses.replace(LLM_PRETRAIN, length_grouping=0),
+                                    torch.Generator()))
 
 
 def to_messages_dicts(document):

@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -211,6 +211,73 @@ def pretrain_llm(
     return metrics
 
 
+class LabelledLoss(torch.nn.Module):
+    """`LlamaForCausalLM`'s causal-LM loss, with the LM head run only where a label is set.
+
+    The answers-only base (`loss_on="assistant"`) trains ~10 % of its tokens; the head and its softmax over
+    the rest would be thrown away. Returns the mean over labelled tokens (the model's own loss, test) and their
+    number."""
+
+    def __init__(self, model: LlamaForCausalLM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor) -> Tuple[torch.Tensor, int]:
+        hidden = self.model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        logits = self.model.lm_head(hidden[:, :-1][keep])
+        if not keep.any():  # nothing to learn in this share: a zero loss that still reaches every parameter
+            return hidden.sum() * 0.0 + logits.sum() * 0.0, 0
+        return torch.nn.functional.cross_entropy(logits.float(), targets[keep]), int(keep.sum())
+
+
+def length_grouped_batches(
+    texts: Sequence[Document], tokenizer: PreTrainedTokenizerBase, cfg: LLMPretrainConfig,
+    generator: torch.Generator,
+) -> Iterator[List[Tuple[List[int], List[int]]]]:
+    """Endless batches of `cfg.batch_size` encoded documents, epoch after epoch in a fresh random order.
+
+    With `cfg.length_grouping` = G > 1, each run of G batches' documents is sorted by length, cut into batches
+    and those are shuffled (HF's `group_by_length`, at megabatch G): similar lengths share a batch, so little
+    is padding. Documents are encoded when first drawn and kept (a run sees only part of a large corpus)."""
+    if cfg.length_grouping < 1:
+        raise ValueError(f"bases.llm.length_grouping={cfg.length_grouping} must be >= 1")
+    if len(texts) < cfg.batch_size:
+        raise ValueError(f"bases.llm.batch_size={cfg.batch_size} is more than the {len(texts)} documents")
+    encoded: Dict[int, Tuple[List[int], List[int]]] = {}
+
+    def encode(index: int) -> Tuple[List[int], List[int]]:
+        if index not in encoded:
+            encoded[index] = encode_document(texts[index], tokenizer, cfg.max_length, cfg.loss_on)
+        return encoded[index]
+
+    size = cfg.batch_size
+    while True:
+        order = torch.randperm(len(texts), generator=generator).tolist()
+        order = order[: len(order) // size * size]  # whole batches only (each epoch has its own order)
+        for start in range(0, len(order), size * cfg.length_grouping):
+            chunk = [encode(i) for i in order[start : start + size * cfg.length_grouping]]
+            if cfg.length_grouping > 1:
+                chunk.sort(key=lambda example: len(example[0]))
+            batches = [chunk[j : j + size] for j in range(0, len(chunk), size)]
+            shuffle = torch.randperm(len(batches), generator=generator).tolist() if cfg.length_grouping > 1 else (
+                range(len(batches)))
+            for k in shuffle:
+                yield batches[k]
+
+
+def labelled_tokens_per_document(texts: Sequence[Document], tokenizer: PreTrainedTokenizerBase,
+                                 cfg: LLMPretrainConfig, sample: int = 512) -> float:
+    """The mean number of trained tokens per document, over an even sample of `sample` of `texts`."""
+    step = max(1, len(texts) // sample)
+    counts = [sum(label != IGNORE_INDEX for label in encode_document(text, tokenizer, cfg.max_length,
+                                                                       cfg.loss_on)[1][1:])
+              for text in texts[::step][:sample]]
+    return max(1.0, sum(counts) / len(counts))
+
+
 def _train(model, tokenizer, texts, eval_examples, cfg: LLMPretrainConfig, rank: int = 0,
            world: int = 1) -> List[Dict[str, Any]]:
     """The training loop. With `world` > 1 processes every step draws the same `batch_size` documents on each,
@@ -219,23 +286,22 @@ def _train(model, tokenizer, texts, eval_examples, cfg: LLMPretrainConfig, rank:
         raise ValueError(f"bases.llm.batch_size={cfg.batch_size} does not split over {world} processes")
     optimizer, scheduler = adamw_cosine(model.parameters(), cfg.learning_rate, cfg.weight_decay,
                                         cfg.warmup_ratio, cfg.max_steps)
-    forward = DistributedDataParallel(model) if world > 1 else model
-    generator = torch.Generator().manual_seed(cfg.seed)
-    order, cursor = torch.randperm(len(texts), generator=generator), 0
+    loss_of = LabelledLoss(model)
+    forward = DistributedDataParallel(loss_of) if world > 1 else loss_of
+    batches = length_grouped_batches(texts, tokenizer, cfg, torch.Generator().manual_seed(cfg.seed))
+    # Each batch's mean loss is weighted by its labelled tokens over the corpus' average per batch: grouped
+    # batches then weigh each token as mixed ones do (a batch of captions holds ~20x the labels of one of
+    # one-word answers), whatever the grouping.
+    per_batch = labelled_tokens_per_document(texts, tokenizer, cfg) * cfg.batch_size / world
     history, seconds, window = [], 0.0, []
     model.train()
     for step in range(1, cfg.max_steps + 1):
         tick = time.perf_counter()
-        if cursor + cfg.batch_size > len(order):
-            order, cursor = torch.randperm(len(texts), generator=generator), 0
-        docs = [texts[int(i)] for i in order[cursor : cursor + cfg.batch_size]][rank::world]
-        cursor += cfg.batch_size
-        # Documents are encoded as they are drawn: a run sees far fewer of them than the corpus holds.
-        batch = pad_batch([encode_document(d, tokenizer, cfg.max_length, cfg.loss_on) for d in docs],
-                          tokenizer.eos_token_id)
-        loss = forward(**batch).loss
+        # Sorted batches split round-robin: every process gets documents of similar length.
+        batch = pad_batch(next(batches)[rank::world], tokenizer.eos_token_id)
+        loss, tokens = forward(**batch)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * (tokens / per_batch)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()

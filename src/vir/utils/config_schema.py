@@ -187,6 +187,8 @@ class LLMPretrainConfig:
     max_steps: int = 300  # the corpus loss flattens by ~250 steps (0.50 at 100, 0.40 at 200, 0.38 at 300)
     max_seconds: Optional[float] = None  # wall-clock cap on training (eval excluded); null = max_steps only
     batch_size: int = 32
+    # Batches of similar length: each run of this many batches' documents is sorted by length first (1 = off).
+    length_grouping: int = 1
     learning_rate: float = 3e-3
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05
