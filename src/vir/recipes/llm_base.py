@@ -306,12 +306,13 @@ def _train(model, tokenizer, texts, eval_examples, cfg: LLMPretrainConfig, rank:
         optimizer.step()
         scheduler.step()
         seconds += time.perf_counter() - tick
-        window.append(loss.item())
+        window.append((loss.item() * tokens, tokens))  # the logged loss: the mean over labelled tokens
         out_of_time = cfg.max_seconds is not None and seconds >= cfg.max_seconds
         if world > 1 and cfg.max_seconds is not None:  # stop together, as soon as one process is out of time
             out_of_time = bool(sum_over_processes({"out": int(out_of_time)})["out"])
         if (step % cfg.eval_every == 0 or step == cfg.max_steps or out_of_time) and rank == 0:
-            record = {"step": step, "seconds": round(seconds, 2), "loss": round(sum(window) / len(window), 4)}
+            mean = sum(total for total, _ in window) / max(1, sum(n for _, n in window))
+            record = {"step": step, "seconds": round(seconds, 2), "loss": round(mean, 4)}
             if eval_examples:
                 tick = time.perf_counter()
                 record["accuracy"] = answer_accuracy(model, tokenizer, eval_examples)
