@@ -259,12 +259,12 @@ def length_grouped_batches(
         order = order[: len(order) // size * size]  # whole batches only (each epoch has its own order)
         for start in range(0, len(order), size * cfg.length_grouping):
             chunk = [encode(i) for i in order[start : start + size * cfg.length_grouping]]
-            if cfg.length_grouping > 1:
-                chunk.sort(key=lambda example: len(example[0]))
+            if cfg.length_grouping == 1:
+                yield chunk
+                continue
+            chunk.sort(key=lambda example: len(example[0]))
             batches = [chunk[j : j + size] for j in range(0, len(chunk), size)]
-            shuffle = torch.randperm(len(batches), generator=generator).tolist() if cfg.length_grouping > 1 else (
-                range(len(batches)))
-            for k in shuffle:
+            for k in torch.randperm(len(batches), generator=generator).tolist():  # not long to short in a row
                 yield batches[k]
 
 
