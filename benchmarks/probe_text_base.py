@@ -52,6 +52,8 @@ def main() -> None:
     parser.add_argument("--captions", type=int, default=0, help="scene-caption documents")
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0, help="model init and batch order")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda for GPU sweeps (same steps, same figures)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides on experiment=local_debug (model sizes)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -62,15 +64,17 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     tokenizer.add_tokens(grid_tokens(spec))
     pretrain = dataclasses.replace(as_dataclass(LLMPretrainConfig, cfg.bases.llm), max_steps=args.steps,
-                                   batch_size=args.batch, learning_rate=args.lr, eval_every=args.eval_every)
+                                   batch_size=args.batch, learning_rate=args.lr, eval_every=args.eval_every,
+                                   seed=args.seed)
     documents = [e["messages"] for e in scene_qa_examples(spec, args.documents, 0, 10, turns=args.turns,
                                                           scene_format="grid")]
     documents += scene_caption_examples(spec, args.captions, 0, 12)
     held_out = scene_qa_examples(spec, 400, 0, 11, scene_format="grid")
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     model = build_llama(cfg.model.llm, tokenizer)
     if args.init == "words":
         init_from_words(model, tokenizer, grid_token_words(spec))
+    model.to(args.device)
     history = _train(model, tokenizer, documents, held_out, pretrain)
     print(json.dumps(history))
 

@@ -133,6 +133,7 @@ def answer_accuracy(
         width = max(len(p) for p in chunk)
         input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk])
         attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+        input_ids, attention_mask = input_ids.to(model.device), attention_mask.to(model.device)
         output = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
                                 max_new_tokens=_MAX_ANSWER_TOKENS, pad_token_id=pad_id, eos_token_id=pad_id)
         predictions += tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
@@ -299,7 +300,7 @@ def _train(model, tokenizer, texts, eval_examples, cfg: LLMPretrainConfig, rank:
         tick = time.perf_counter()
         # Sorted batches split round-robin: every process gets documents of similar length.
         batch = pad_batch(next(batches)[rank::world], tokenizer.eos_token_id)
-        loss, tokens = forward(**batch)
+        loss, tokens = forward(**{key: value.to(model.device) for key, value in batch.items()})
         optimizer.zero_grad(set_to_none=True)
         (loss * (tokens / per_batch)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -1,0 +1,57 @@
+#!/bin/bash
+# Sweep variants of the LLM base in text on a lent GPU: each variant is one `probe_text_base.py --device cuda`
+# process, all in parallel, with the CPU recipe's steps and batch (steps, not seconds, are what transfer).
+#
+#   here:  benchmarks/gpu_sweep.sh pack     # .gpu_deps/: the pure-Python packages the GPU image lacks
+#                                           # (hydra, omegaconf, antlr4) or has at other versions
+#                                           # (transformers, peft, huggingface_hub and its http stack)
+#   there: benchmarks/gpu_sweep.sh run FILE # FILE: one variant a line, "name probe-args..."; the
+#                                           # tokenizer must be at runs/local_debug/data/tokenizer
+#
+# SWEEP_DEVICE=cpu runs the same probes here (a check of the script). With the device tool: carry
+# [".gpu_deps", "runs/local_debug/data/tokenizer"] (FILE travels if tracked) and run `LIMIT=360 bash benchmarks/gpu_sweep.sh run FILE`; each probe is stopped after LIMIT seconds, and
+# $OUT/sweep.txt holds every variant's "step seconds {accuracy by type}" lines. Twelve processes share one
+# H100 at ~65 ms a step (6 at ~37 ms), so 12 x 5000 steps do not fit in one 10-minute call.
+set -u
+case "${1:-}" in
+pack)
+    site=$(.venv/bin/python -c "import site; print(site.getsitepackages()[0])")
+    rm -rf .gpu_deps && mkdir -p .gpu_deps
+    for package in hydra omegaconf antlr4 peft huggingface_hub httpx2 httpcore2 truststore; do
+        cp -r "$site/$package" .gpu_deps/
+    done
+    # transformers' sources are ~130 MB, over the device tool's 64 MiB a call: they travel compressed.
+    tar -C "$site" --exclude=__pycache__ -czf .gpu_deps/transformers.tgz transformers
+    for dist in hydra_core omegaconf antlr4_python3_runtime transformers peft huggingface_hub httpx2 httpcore2 \
+        truststore; do
+        cp -r "$site/$dist"-*.dist-info .gpu_deps/  # metadata: transformers checks its dependencies' versions
+    done
+    find .gpu_deps -name __pycache__ -prune -exec rm -rf {} +
+    du -sh .gpu_deps
+    ;;
+run)
+    variants=${2:?"usage: $0 run FILE"}
+    unpacked=$(mktemp -d)
+    tar -C "$unpacked" -xzf .gpu_deps/transformers.tgz || exit 1
+    export PYTHONPATH=$PWD/src:$unpacked:$PWD/.gpu_deps OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 \
+        TOKENIZERS_PARALLELISM=false
+    python3 -c "import torch, transformers, vir.recipes.llm_base; print(torch.__version__,
+        transformers.__version__, torch.cuda.is_available())" || exit 1
+    logs=$(mktemp -d)
+    while read -r name args; do
+        [ -z "$name" ] || [ "${name:0:1}" = "#" ] && continue
+        # shellcheck disable=SC2086
+        timeout "${LIMIT:-360}" python3 benchmarks/probe_text_base.py --device "${SWEEP_DEVICE:-cuda}" $args \
+            >"$logs/$name.json" 2>"$logs/$name.log" &
+    done <"$variants"
+    wait
+    for log in "$logs"/*.log; do
+        echo "== $(basename "$log" .log)"
+        grep -E "llm step|Error" "$log" | sed -E 's/.*llm step ([0-9]+) \(([0-9]+)s\).*accuracy.: (\{[^}]*\}).*/\1 \2s \3/'
+    done | tee "${OUT:-.}/sweep.txt"
+    ;;
+*)
+    echo "usage: $0 pack | run FILE" >&2
+    exit 2
+    ;;
+esac
