@@ -20,6 +20,9 @@ but the last row with the tokenizer from before the chat-header fix, ~49 instead
 | batch 16, lr 6e-4 / 1.5e-4 (new tokenizer) | 49.3 / 47.8 at 2000 |
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/probe_text_base.py --steps 2000 --batch 16
+
+`--device cuda` runs it on a GPU at the same steps (`benchmarks/gpu_sweep.sh` runs many variants at once on a
+lent one; its size sweep is in docs/training-log.md).
 """
 
 from __future__ import annotations
