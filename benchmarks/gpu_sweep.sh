@@ -9,7 +9,8 @@
 #                                           # tokenizer must be at runs/local_debug/data/tokenizer
 #
 # SWEEP_DEVICE=cpu runs the same probes here (a check of the script). With the device tool: carry
-# [".gpu_deps", "runs/local_debug/data/tokenizer"] (FILE travels if tracked) and run `LIMIT=360 bash benchmarks/gpu_sweep.sh run FILE`; each probe is stopped after LIMIT seconds, and
+# [".gpu_deps", "runs/local_debug/data/tokenizer"] (FILE travels if tracked) and run
+# `LIMIT=360 bash benchmarks/gpu_sweep.sh run FILE`; each probe is stopped after LIMIT seconds, and
 # $OUT/sweep.txt holds every variant's "step seconds {accuracy by type}" lines. Twelve processes share one
 # H100 at ~65 ms a step (6 at ~37 ms), so 12 x 5000 steps do not fit in one 10-minute call.
 set -u
