@@ -56,6 +56,9 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0, help="model init and batch order")
+    parser.add_argument("--mix", default="", help="training question mix, e.g. count=0.2,count_shape=0.2,... "
+                        "(training-only types allowed); held-out questions keep data.synthetic.question_mix")
+    parser.add_argument("--by-op", action="store_true", help="score held-out questions per program op")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda for GPU sweeps (same steps, same figures)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides on experiment=local_debug (model sizes)")
     args = parser.parse_args()
@@ -69,10 +72,16 @@ def main() -> None:
     pretrain = dataclasses.replace(as_dataclass(LLMPretrainConfig, cfg.bases.llm), max_steps=args.steps,
                                    batch_size=args.batch, learning_rate=args.lr, eval_every=args.eval_every,
                                    seed=args.seed)
-    documents = [e["messages"] for e in scene_qa_examples(spec, args.documents, 0, 10, turns=args.turns,
+    train_spec = spec
+    if args.mix:
+        mix = {k: float(v) for k, v in (item.split("=") for item in args.mix.split(","))}
+        train_spec = dataclasses.replace(spec, question_mix=mix)
+    documents = [e["messages"] for e in scene_qa_examples(train_spec, args.documents, 0, 10, turns=args.turns,
                                                           scene_format="grid")]
     documents += scene_caption_examples(spec, args.captions, 0, 12)
     held_out = scene_qa_examples(spec, 400, 0, 11, scene_format="grid")
+    if args.by_op:
+        held_out = [{**e, "question_type": f"{e['question_type']}/{e['op']}"} for e in held_out]
     torch.manual_seed(args.seed)
     model = build_llama(cfg.model.llm, tokenizer)
     if args.init == "words":

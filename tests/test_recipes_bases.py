@@ -184,6 +184,12 @@ def test_scene_qa_examples_put_the_description_where_the_image_goes():
         description, question = user.content.split("\n")
         assert (user.role, assistant.role) == ("user", "assistant") and assistant.content == example["answer"]
         assert "row" in description.lower() and question.endswith(("?", ".")) and "<image>" not in user.content
+    # The program's op names the sub-kind of question (benchmarks/probe_text_base.py --by-op scores by it).
+    ops = {e["question_type"]: set() for e in examples}
+    for example in examples:
+        ops[example["question_type"]].add(example["op"])
+    assert ops.get("count", {"count_colour"}) == {"count_colour"} and ops["relation"] <= {"relation_where",
+                                                                                           "relation_yesno"}
 
 
 def test_scene_grid_is_one_token_per_cell_in_reading_order():

@@ -146,5 +146,5 @@ def scene_qa_examples(spec: SyntheticConfig, n: int, seed: int, stream: int, tur
             messages += [Message("user", question.text)] if k else []
             messages.append(Message("assistant", question.answer))
         examples.append({"messages": messages, "question_type": questions[0].question_type,
-                         "answer": questions[0].answer})
+                         "answer": questions[0].answer, "op": questions[0].program["op"]})
     return examples

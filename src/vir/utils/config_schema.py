@@ -182,7 +182,7 @@ class LLMPretrainConfig:
     text rendered with the Llama-3 chat template, plus text-only "scene -> question -> answer" documents so the
     LLM learns to answer questions about a scene it reads before it sees images. The embedded default
     (`experiment=local_debug`) trains it on grid-rendered scene QA and scene captions, at batch 16 and lr 3e-4,
-    for 5000 steps, in length-grouped batches."""
+    for 4500 steps, in length-grouped batches."""
 
     max_steps: int = 300  # the corpus loss flattens by ~250 steps (0.50 at 100, 0.40 at 200, 0.38 at 300)
     max_seconds: Optional[float] = None  # wall-clock cap on training (eval excluded); null = max_steps only
