@@ -21,6 +21,9 @@ but the last row with the tokenizer from before the chat-header fix, ~49 instead
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/probe_text_base.py --steps 2000 --batch 16
 
+`--by-op` scores the held-out questions per program op (colour_of_shape, relation_where, ...) and `--mix`
+trains on another question mix, training-only `locate` included (docs/training-log.md, session 7).
+
 `--device cuda` runs it on a GPU at the same steps (`benchmarks/gpu_sweep.sh` runs many variants at once on a
 lent one; its size sweep is in docs/training-log.md).
 """
@@ -36,6 +39,7 @@ import torch
 from transformers import AutoTokenizer
 
 from vir.data.synthetic import as_spec
+from vir.data.synthetic.questions import AUX_QUESTION_TYPES, QUESTION_TYPES
 from vir.recipes.common import as_dataclass
 from vir.recipes.llm_base import _train, build_llama, init_from_words
 from vir.recipes.scene_text import grid_token_words, grid_tokens, scene_caption_examples, scene_qa_examples
@@ -56,8 +60,9 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0, help="model init and batch order")
-    parser.add_argument("--mix", default="", help="training question mix, e.g. count=0.2,count_shape=0.2,... "
-                        "(training-only types allowed); held-out questions keep data.synthetic.question_mix")
+    parser.add_argument("--mix", default="", help="training question mix, e.g. count=0.2,exists=0.2,attribute=0.2,"
+                        "relation=0.2,locate=0.2 (training-only types allowed); held-out questions keep "
+                        "data.synthetic.question_mix")
     parser.add_argument("--by-op", action="store_true", help="score held-out questions per program op")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda for GPU sweeps (same steps, same figures)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides on experiment=local_debug (model sizes)")
@@ -74,7 +79,16 @@ def main() -> None:
                                    seed=args.seed)
     train_spec = spec
     if args.mix:
-        mix = {k: float(v) for k, v in (item.split("=") for item in args.mix.split(","))}
+        mix = {}
+        for item in args.mix.split(","):
+            name, _, weight = item.partition("=")
+            try:
+                mix[name] = float(weight)
+            except ValueError:
+                mix[name] = None
+            if name not in (*QUESTION_TYPES, *AUX_QUESTION_TYPES) or mix[name] is None:
+                parser.error(f"--mix item {item!r}: want TYPE=WEIGHT, TYPE one of "
+                             f"{[*QUESTION_TYPES, *AUX_QUESTION_TYPES]}")
         train_spec = dataclasses.replace(spec, question_mix=mix)
     documents = [e["messages"] for e in scene_qa_examples(train_spec, args.documents, 0, 10, turns=args.turns,
                                                           scene_format="grid")]
