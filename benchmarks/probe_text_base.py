@@ -79,16 +79,15 @@ def main() -> None:
                                    seed=args.seed)
     train_spec = spec
     if args.mix:
-        mix = {}
+        known, mix = (*QUESTION_TYPES, *AUX_QUESTION_TYPES), {}
         for item in args.mix.split(","):
             name, _, weight = item.partition("=")
             try:
+                if name not in known:
+                    raise ValueError(name)
                 mix[name] = float(weight)
             except ValueError:
-                mix[name] = None
-            if name not in (*QUESTION_TYPES, *AUX_QUESTION_TYPES) or mix[name] is None:
-                parser.error(f"--mix item {item!r}: want TYPE=WEIGHT, TYPE one of "
-                             f"{[*QUESTION_TYPES, *AUX_QUESTION_TYPES]}")
+                parser.error(f"--mix item {item!r}: want TYPE=WEIGHT, TYPE one of {list(known)}")
         train_spec = dataclasses.replace(spec, question_mix=mix)
     documents = [e["messages"] for e in scene_qa_examples(train_spec, args.documents, 0, 10, turns=args.turns,
                                                           scene_format="grid")]
