@@ -64,6 +64,8 @@ def main() -> None:
                         "relation=0.2,locate=0.2 (training-only types allowed); held-out questions keep "
                         "data.synthetic.question_mix")
     parser.add_argument("--by-op", action="store_true", help="score held-out questions per program op")
+    parser.add_argument("--format", choices=["grid", "description"], default="grid",
+                        help="scene rendering of the training and held-out documents (scene_text.SCENE_FORMATS)")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda for GPU sweeps (same steps, same figures)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides on experiment=local_debug (model sizes)")
     args = parser.parse_args()
@@ -90,9 +92,9 @@ def main() -> None:
                 parser.error(f"--mix item {item!r}: want TYPE=WEIGHT, TYPE one of {list(known)}")
         train_spec = dataclasses.replace(spec, question_mix=mix)
     documents = [e["messages"] for e in scene_qa_examples(train_spec, args.documents, 0, 10, turns=args.turns,
-                                                          scene_format="grid")]
-    documents += scene_caption_examples(spec, args.captions, 0, 12)
-    held_out = scene_qa_examples(spec, 400, 0, 11, scene_format="grid")
+                                                          scene_format=args.format)]
+    documents += scene_caption_examples(spec, args.captions, 0, 12, scene_format=args.format)
+    held_out = scene_qa_examples(spec, 400, 0, 11, scene_format=args.format)
     if args.by_op:
         held_out = [{**e, "question_type": f"{e['question_type']}/{e['op']}"} for e in held_out]
     torch.manual_seed(args.seed)

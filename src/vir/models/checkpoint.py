@@ -74,9 +74,10 @@ def _projector_from_state_dict(state_dict: dict) -> dict:
 
 
 def load_run(
-    run_dir: PathLike, merge_adapter: bool = False
+    run_dir: PathLike, merge_adapter: bool = False, device: Optional[str] = None
 ) -> Tuple[torch.nn.Module, PreTrainedTokenizerBase, CLIPImageProcessorPil, DictConfig]:
-    """(model, tokenizer, image_processor, run_config) from a run directory or `checkpoint-N/`, in eval mode.
+    """(model, tokenizer, image_processor, run_config) from a run directory or `checkpoint-N/`, in eval mode,
+    on `device` (default: the GPU when there is one, else the CPU).
 
     Full-weight runs load with `from_pretrained`; adapter and projector-only runs are rebuilt from the base
     model the run config names, then get `mm_projector.bin` and the peft adapter on top. With
@@ -103,6 +104,7 @@ def load_run(
             model = PeftModel.from_pretrained(model, str(run))
             if merge_adapter:
                 model = model.merge_and_unload()
+    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.eval()
     return model, tokenizer, image_processor, run_config
 

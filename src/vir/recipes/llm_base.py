@@ -189,6 +189,7 @@ def pretrain_llm(
     torch.manual_seed(cfg.seed)
     model = build_llama(llm, tokenizer)
     init_from_words(model, tokenizer, token_words)
+    model.to(state.device)  # each process's accelerator when there is one
     history = _train(model, tokenizer, texts, eval_examples or [], cfg, rank, world)
     if rank != 0:  # the first process writes the base; the others read its metrics once it has
         state.wait_for_everyone()
@@ -288,7 +289,8 @@ def _train(model, tokenizer, texts, eval_examples, cfg: LLMPretrainConfig, rank:
     optimizer, scheduler = adamw_cosine(model.parameters(), cfg.learning_rate, cfg.weight_decay,
                                         cfg.warmup_ratio, cfg.max_steps)
     loss_of = LabelledLoss(model)
-    forward = DistributedDataParallel(loss_of) if world > 1 else loss_of
+    device_ids = [model.device.index] if model.device.type == "cuda" else None
+    forward = DistributedDataParallel(loss_of, device_ids=device_ids) if world > 1 else loss_of
     batches = length_grouped_batches(texts, tokenizer, cfg, torch.Generator().manual_seed(cfg.seed))
     # Each batch's mean loss is weighted by its labelled tokens over the corpus' average per batch: grouped
     # batches then weigh each token as mixed ones do (a batch of captions holds ~20x the labels of one of

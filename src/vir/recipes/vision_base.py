@@ -36,6 +36,7 @@ from vir.recipes.common import (
     fingerprint,
     write_metrics,
 )
+from vir.training.distributed import run_state
 from vir.utils.config_schema import SyntheticConfig, VisionPretrainConfig, VisionTowerConfig
 
 logger = logging.getLogger(__name__)
@@ -106,8 +107,8 @@ def dense_accuracy(
     counts = {name: 0 for name in DENSE_HEADS}
     objects_right = objects = 0
     for start in range(0, len(pixels), 256):
-        batch_labels = labels[start : start + 256]
-        logits = heads(patch_features(model, pixels[start : start + 256], select_layer))
+        batch_labels = labels[start : start + 256].to(model.device)
+        logits = heads(patch_features(model, pixels[start : start + 256].to(model.device), select_layer))
         hits = torch.stack([logits[name].argmax(-1) == batch_labels[..., k] for k, name in enumerate(DENSE_HEADS)], -1)
         valid = batch_labels >= 0
         for k, name in enumerate(DENSE_HEADS):
@@ -150,8 +151,9 @@ def pretrain_vision_tower(
     train_pixels, train_labels = render_bank(spec, processor, cfg.bank_size, cfg.seed, _TRAIN_STREAM)
     eval_pixels, eval_labels = render_bank(spec, processor, cfg.eval_size, cfg.seed, _EVAL_STREAM)
     render_seconds = time.perf_counter() - start
-    model = build_clip_vision(tower)
-    heads = DenseHeads(tower.hidden_size, spec)
+    device = run_state().device  # the accelerator when there is one (the first process trains the tower alone)
+    model = build_clip_vision(tower).to(device)
+    heads = DenseHeads(tower.hidden_size, spec).to(device)
     history = _train(model, heads, (train_pixels, train_labels), (eval_pixels, eval_labels), tower, cfg)
     model.save_pretrained(str(out_dir))
     processor.save_pretrained(str(out_dir))
@@ -189,7 +191,8 @@ def _train(model, heads, train, evaluation, tower: VisionTowerConfig, cfg: Visio
             order, cursor = torch.randperm(len(pixels), generator=generator), 0
         batch = order[cursor : cursor + cfg.batch_size]
         cursor += cfg.batch_size
-        loss = dense_loss(heads(patch_features(model, pixels[batch], tower.select_layer)), labels[batch])
+        loss = dense_loss(heads(patch_features(model, pixels[batch].to(model.device), tower.select_layer)),
+                          labels[batch].to(model.device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([*model.parameters(), *heads.parameters()], 1.0)

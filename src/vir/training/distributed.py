@@ -29,7 +29,9 @@ def sum_over_processes(counts: dict[str, int]) -> dict[str, int]:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return dict(counts)
     names = sorted(counts)
-    totals = torch.tensor([counts[name] for name in names], dtype=torch.int64)
+    # nccl reduces accelerator tensors only; gloo CPU ones.
+    device = run_state().device if dist.get_backend() == "nccl" else "cpu"
+    totals = torch.tensor([counts[name] for name in names], dtype=torch.int64, device=device)
     dist.all_reduce(totals)
     return {name: int(total) for name, total in zip(names, totals.tolist())}
 
