@@ -110,6 +110,10 @@ def test_run_dir_reload_gives_the_trained_models_logits(trained, batch):
             "stage2_full": "LlavaLlamaForCausalLM"}[trained.cfg.training.mode]
     assert type(model).__name__ == kind
     torch.testing.assert_close(logits_of(model, batch), reference, rtol=0, atol=1e-6)
+    default = "cuda" if torch.cuda.is_available() else "cpu"  # the accelerator when there is one
+    assert {p.device.type for p in model.parameters()} == {default}
+    placed = load_run(trained.output_dir, device="meta")[0]
+    assert {p.device.type for p in placed.parameters()} == {"meta"}
 
 
 def test_checkpoint_reload_gives_the_models_logits_at_that_step(trained, batch):
