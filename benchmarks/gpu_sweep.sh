@@ -11,8 +11,9 @@
 # SWEEP_DEVICE=cpu runs the same probes here (a check of the script). With the device tool: carry
 # [".gpu_deps", "runs/local_debug/data/tokenizer"] (FILE travels if tracked) and run
 # `LIMIT=360 bash benchmarks/gpu_sweep.sh run FILE`; each probe is stopped after LIMIT seconds, and
-# $OUT/sweep.txt holds every variant's "step seconds {accuracy by type}" lines. Twelve processes share one
-# H100 at ~65 ms a step (6 at ~37 ms), so 12 x 5000 steps do not fit in one 10-minute call.
+# $OUT/sweep.txt holds every variant's "step seconds {accuracy by type}" lines. Variant files so far:
+# gpu_sweep_sizes.txt (model sizes, session 6), gpu_sweep_relation.txt (relation, session 8). Twelve
+# processes share one H100 at ~65 ms a step (6 at ~37 ms), so 12 x 5000 steps do not fit in one 10-minute call.
 set -u
 case "${1:-}" in
 pack)

@@ -22,7 +22,8 @@ but the last row with the tokenizer from before the chat-header fix, ~49 instead
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/probe_text_base.py --steps 2000 --batch 16
 
 `--by-op` scores the held-out questions per program op (colour_of_shape, relation_where, ...) and `--mix`
-trains on another question mix, training-only `locate` included (docs/training-log.md, session 7).
+trains on another question mix, training-only `locate` included (docs/training-log.md, session 7);
+`--format description` writes every scene in words, each object with its row and column (session 8).
 
 `--device cuda` runs it on a GPU at the same steps (`benchmarks/gpu_sweep.sh` runs many variants at once on a
 lent one; its size sweep is in docs/training-log.md).
