@@ -34,6 +34,7 @@ from vir.recipes import (
     scene_qa_examples,
     to_messages,
 )
+from vir.recipes.bases import base_qa_spec
 from vir.recipes.common import METRICS_FILE
 from vir.recipes.llm_base import LabelledLoss, labelled_tokens_per_document, length_grouped_batches, pad_batch
 from vir.models.builder import clip_image_processor
@@ -255,6 +256,21 @@ def test_scene_qa_follow_up_turns_ask_about_the_same_scene():
         questions = [messages[0].content.split("\n")[1]] + [m.content for m in messages[2::2]]
         assert len(set(questions)) == len(questions)
         assert messages[1].content == example["answer"]
+
+
+def test_base_question_mix_replaces_the_test_mix_for_training_documents_only():
+    assert base_qa_spec(SPEC, LLMPretrainConfig()) is SPEC  # empty: the data set's own mix
+    cfg = compose_config(["experiment=local_debug", "++bases.llm.question_mix={count:1,exists:1,attribute:1}"])
+    pretrain = LLMPretrainConfig(question_mix=dict(cfg.bases.llm.question_mix))
+    spec = base_qa_spec(SPEC, pretrain)
+    assert spec.question_mix == {"count": 1.0, "exists": 1.0, "attribute": 1.0}
+    assert {e["question_type"] for e in scene_qa_examples(spec, 60, seed=0, stream=0)} == {"count", "exists",
+                                                                                           "attribute"}
+    assert SPEC.question_mix["relation"] > 0  # held-out scoring keeps the data set's mix
+    with pytest.raises(ValueError, match=r"bases\.llm\.question_mix=.*bogus"):
+        base_qa_spec(SPEC, LLMPretrainConfig(question_mix={"count": 1.0, "bogus": 1.0}))
+    with pytest.raises(ValueError, match=r"bases\.llm\.question_mix"):
+        base_qa_spec(SPEC, LLMPretrainConfig(question_mix={"count": 0.0}))
 
 
 def test_corpus_text_becomes_alternating_turns():

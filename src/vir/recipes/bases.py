@@ -10,17 +10,19 @@ Llama-3 directories; nothing downstream knows they were made here.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any, Optional, Tuple
 
 from vir.data.synthetic import as_spec, corpus_texts, generate
+from vir.data.synthetic.questions import AUX_QUESTION_TYPES, QUESTION_TYPES
 from vir.recipes.common import PathLike, as_dataclass
 from vir.recipes.llm_base import pretrain_llm
 from vir.recipes.scene_text import grid_token_words, grid_tokens, scene_caption_examples, scene_qa_examples
 from vir.recipes.vision_base import pretrain_vision_tower
 from vir.training.distributed import main_process_first
-from vir.utils.config_schema import BasesConfig
+from vir.utils.config_schema import BasesConfig, LLMPretrainConfig, SyntheticConfig
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +47,7 @@ def build_bases(root: PathLike, cfg: Any, tokenizer_dir: Optional[PathLike] = No
     root = Path(root)
     spec = as_spec(cfg.data.synthetic)
     bases = as_dataclass(BasesConfig, getattr(cfg, "bases", None))
+    qa_spec = base_qa_spec(spec, bases.llm)  # a bad bases.llm.question_mix fails before any training
     if tokenizer_dir is None:
         if not cfg.data.image_folder:
             raise ValueError("build_bases needs the synthetic tokenizer: set data.image_folder to the synthetic data "
@@ -61,7 +64,7 @@ def build_bases(root: PathLike, cfg: Any, tokenizer_dir: Optional[PathLike] = No
         corpus = corpus[::step][: llm_cfg.corpus_documents]
     documents = corpus + [
         example["messages"]
-        for example in scene_qa_examples(spec, llm_cfg.num_scene_qa, llm_cfg.seed, _QA_TRAIN_STREAM,
+        for example in scene_qa_examples(qa_spec, llm_cfg.num_scene_qa, llm_cfg.seed, _QA_TRAIN_STREAM,
                                          turns=llm_cfg.scene_qa_turns, scene_format=llm_cfg.scene_format)
     ] + scene_caption_examples(spec, llm_cfg.num_scene_captions, llm_cfg.seed, _CAPTION_STREAM,
                                scene_format=llm_cfg.scene_format)
@@ -73,3 +76,16 @@ def build_bases(root: PathLike, cfg: Any, tokenizer_dir: Optional[PathLike] = No
                  token_words=grid_token_words(spec) if grid else None)
     logger.info("base models ready: model.llm.path=%s model.vision_tower.path=%s", llm_dir, clip_dir)
     return llm_dir, clip_dir
+
+
+def base_qa_spec(spec: SyntheticConfig, llm_cfg: LLMPretrainConfig) -> SyntheticConfig:
+    """`spec` with the question mix the LLM base's scene-QA training documents draw from (`bases.llm.question_mix`,
+    when set)."""
+    mix = llm_cfg.question_mix
+    if not mix:
+        return spec
+    known = (*QUESTION_TYPES, *AUX_QUESTION_TYPES)
+    mix = dict(mix)
+    if set(mix) - set(known) or any(w < 0 for w in mix.values()) or sum(mix.values()) <= 0:
+        raise ValueError(f"bases.llm.question_mix={mix}: keys must be among {list(known)}, weights >=0, sum >0")
+    return dataclasses.replace(spec, question_mix=mix)

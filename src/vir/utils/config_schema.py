@@ -199,6 +199,9 @@ class LLMPretrainConfig:
     # text after 2000 steps at batch 32, 67-72% after 4000 at batch 16).
     num_scene_qa: int = 5000
     scene_qa_turns: int = 4  # questions per scene-QA document (one description pays for several answers)
+    # Question types of the scene-QA training documents, {type: weight} over `data.synthetic.question_mix`'s
+    # types and the training-only `locate`; empty = `data.synthetic.question_mix`. Held-out scoring keeps that.
+    question_mix: Dict[str, float] = field(default_factory=dict)
     # How scene-QA documents render the scene (`vir.recipes.scene_text`): `grid` (one added token per grid cell,
     # the tower's patch layout; the look-ups transfer to images) | `description` (the caption's sentences).
     scene_format: str = "grid"
