@@ -201,6 +201,7 @@ class LLMPretrainConfig:
     scene_qa_turns: int = 4  # questions per scene-QA document (one description pays for several answers)
     # Question types of the scene-QA training documents, {type: weight} over `data.synthetic.question_mix`'s
     # types and the training-only `locate`; empty = `data.synthetic.question_mix`. Held-out scoring keeps that.
+    # From the command line the keys are new, so Hydra wants `++bases.llm.question_mix={count:1,exists:1}`.
     question_mix: Dict[str, float] = field(default_factory=dict)
     # How scene-QA documents render the scene (`vir.recipes.scene_text`): `grid` (one added token per grid cell,
     # the tower's patch layout; the look-ups transfer to images) | `description` (the caption's sentences).
