@@ -40,7 +40,7 @@ import torch
 from transformers import AutoTokenizer
 
 from vir.data.synthetic import as_spec
-from vir.data.synthetic.questions import AUX_QUESTION_TYPES, QUESTION_TYPES
+from vir.recipes.bases import base_qa_spec
 from vir.recipes.common import as_dataclass
 from vir.recipes.llm_base import _train, build_llama, init_from_words
 from vir.recipes.scene_text import grid_token_words, grid_tokens, scene_caption_examples, scene_qa_examples
@@ -80,18 +80,17 @@ def main() -> None:
     pretrain = dataclasses.replace(as_dataclass(LLMPretrainConfig, cfg.bases.llm), max_steps=args.steps,
                                    batch_size=args.batch, learning_rate=args.lr, eval_every=args.eval_every,
                                    seed=args.seed)
-    train_spec = spec
-    if args.mix:
-        known, mix = (*QUESTION_TYPES, *AUX_QUESTION_TYPES), {}
-        for item in args.mix.split(","):
-            name, _, weight = item.partition("=")
-            try:
-                if name not in known:
-                    raise ValueError(name)
-                mix[name] = float(weight)
-            except ValueError:
-                parser.error(f"--mix item {item!r}: want TYPE=WEIGHT, TYPE one of {list(known)}")
-        train_spec = dataclasses.replace(spec, question_mix=mix)
+    mix = {}
+    for item in filter(None, args.mix.split(",")):
+        name, _, weight = item.partition("=")
+        try:
+            mix[name] = float(weight)
+        except ValueError:
+            parser.error(f"--mix item {item!r}: want TYPE=WEIGHT")
+    try:  # the LLM base's own training mix (`bases.llm.question_mix`), checked as the recipe checks it
+        train_spec = base_qa_spec(spec, dataclasses.replace(pretrain, question_mix=mix))
+    except ValueError as err:
+        parser.error(f"--mix: {err}")
     documents = [e["messages"] for e in scene_qa_examples(train_spec, args.documents, 0, 10, turns=args.turns,
                                                           scene_format=args.format)]
     documents += scene_caption_examples(spec, args.captions, 0, 12, scene_format=args.format)

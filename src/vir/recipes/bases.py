@@ -17,6 +17,7 @@ from typing import Any, Optional, Tuple
 
 from vir.data.synthetic import as_spec, corpus_texts, generate
 from vir.data.synthetic.questions import AUX_QUESTION_TYPES, QUESTION_TYPES
+from vir.data.synthetic.splits import check_question_mix
 from vir.recipes.common import PathLike, as_dataclass
 from vir.recipes.llm_base import pretrain_llm
 from vir.recipes.scene_text import grid_token_words, grid_tokens, scene_caption_examples, scene_qa_examples
@@ -81,11 +82,7 @@ def build_bases(root: PathLike, cfg: Any, tokenizer_dir: Optional[PathLike] = No
 def base_qa_spec(spec: SyntheticConfig, llm_cfg: LLMPretrainConfig) -> SyntheticConfig:
     """`spec` with the question mix the LLM base's scene-QA training documents draw from (`bases.llm.question_mix`,
     when set)."""
-    mix = llm_cfg.question_mix
-    if not mix:
+    if not llm_cfg.question_mix:
         return spec
-    known = (*QUESTION_TYPES, *AUX_QUESTION_TYPES)
-    mix = dict(mix)
-    if set(mix) - set(known) or any(w < 0 for w in mix.values()) or sum(mix.values()) <= 0:
-        raise ValueError(f"bases.llm.question_mix={mix}: keys must be among {list(known)}, weights >=0, sum >0")
-    return dataclasses.replace(spec, question_mix=mix)
+    check_question_mix(llm_cfg.question_mix, "bases.llm.question_mix", [*QUESTION_TYPES, *AUX_QUESTION_TYPES])
+    return dataclasses.replace(spec, question_mix=dict(llm_cfg.question_mix))

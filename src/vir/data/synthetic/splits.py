@@ -68,13 +68,16 @@ def plan_splits(spec: SyntheticConfig, splits=SPLITS) -> Dict[str, SplitPlan]:
 
 
 def check_mix(spec: SyntheticConfig) -> None:
-    mix = dict(spec.question_mix)
-    if set(mix) - set(QUESTION_TYPES) or any(w < 0 for w in mix.values()) or sum(mix.values()) <= 0:
-        raise ValueError(
-            f"data.synthetic.question_mix={mix}: keys must be among {QUESTION_TYPES}, weights >=0, sum >0"
-        )
+    check_question_mix(spec.question_mix, "data.synthetic.question_mix", QUESTION_TYPES)
     if not 0 <= spec.train_locate_fraction < 1:
         raise ValueError(f"data.synthetic.train_locate_fraction={spec.train_locate_fraction}: must be in [0, 1)")
+
+
+def check_question_mix(mix: Dict[str, float], key: str, allowed) -> None:
+    """A {question type: weight} mix (config `key`) draws only `allowed` types, with weights >=0 summing >0."""
+    mix = dict(mix)
+    if set(mix) - set(allowed) or any(w < 0 for w in mix.values()) or sum(mix.values()) <= 0:
+        raise ValueError(f"{key}={mix}: keys must be among {allowed}, weights >=0, sum >0")
 
 
 def plan_stage1(spec: SyntheticConfig) -> SplitPlan:
