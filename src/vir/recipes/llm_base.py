@@ -175,7 +175,6 @@ def pretrain_llm(
         "kind": "llm", "llm": _llm_fields(llm), "pretrain": dataclasses.asdict(cfg),
         "tokenizer": Path(tokenizer_dir, "tokenizer.json").read_text(),
         "extra_tokens": list(extra_tokens), "token_words": token_words,
-        "token_init": "own+words",  # how `init_from_words` starts them (session 9; was "words" alone)
         "texts": [_document_key(doc) for doc in texts],
         "eval": [_document_key(example["messages"]) for example in eval_examples or ()],
     })
