@@ -63,13 +63,12 @@ def build_llama(llm: LLMConfig, tokenizer: PreTrainedTokenizerBase) -> LlamaForC
 def init_from_words(
     model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, token_words: Mapping[str, str]
 ) -> None:
-    """Add to each `token`'s own (random) input embedding the sum of the embeddings of `words` as they read in
-    a sentence (`" " + words`, so `<|grid_small_red_circle|>` starts at its own row + Ġsmall + Ġred + Ġcircle).
+    """Set each `token`'s input embedding to the sum of the embeddings of `words` as they read in a sentence
+    (`" " + words`, so `<|grid_small_red_circle|>` starts at Ġsmall + Ġred + Ġcircle).
 
     A new token then starts out sharing its words' directions: attention that matches "red" in a question
     against a scene cell is right from the first step instead of being learnt per token (the look-ups of the
-    grid base learn faster, see README Status). Its own row keeps tokens that share words apart, so "red
-    circle" is more than the superposition of "red" and "circle" (docs/training-log.md, session 9)."""
+    grid base learn faster, see README Status)."""
     embeddings = model.get_input_embeddings().weight
     vocabulary = tokenizer.get_vocab()
     for token, words in token_words.items():
@@ -77,7 +76,7 @@ def init_from_words(
             raise ValueError(f"cannot start {token!r} from the words {words!r}: "
                              + ("no words" if token in vocabulary else "the token is not in the vocabulary"))
         ids = tokenizer.encode(" " + words.strip(), add_special_tokens=False)
-        embeddings[vocabulary[token]] += embeddings[ids].sum(dim=0)
+        embeddings[vocabulary[token]] = embeddings[ids].sum(dim=0)
 
 
 def encode_document(
@@ -160,7 +159,7 @@ def pretrain_llm(
     `eval_examples` (`scene_qa_examples` on held-out scenes) are scored by greedy exact match every
     `eval_every` steps. `extra_tokens` (e.g. `scene_text.grid_tokens`) join the vocabulary before the model is
     built and are saved with its tokenizer, as a real LLM's vocabulary holds what its corpus needed;
-    `token_words` ({token: words}, `scene_text.grid_token_words`) adds to those tokens' own embeddings the sum
+    `token_words` ({token: words}, `scene_text.grid_token_words`) starts those tokens' embeddings at the sum
     of their words' (`init_from_words`). Writes a self-contained HF Llama directory (`config.json`,
     `model.safetensors`, tokenizer files) and, last, `pretrain_metrics.json` (loss and accuracy over time);
     returns the metrics, or the saved ones at once when `out_dir` holds a finished run with the same inputs
