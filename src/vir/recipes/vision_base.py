@@ -154,7 +154,9 @@ def pretrain_vision_tower(
     device = run_state().device  # the accelerator when there is one (the first process trains the tower alone)
     model = build_clip_vision(tower).to(device)
     heads = DenseHeads(tower.hidden_size, spec).to(device)
-    history = _train(model, heads, (train_pixels, train_labels), (eval_pixels, eval_labels), tower, cfg)
+    # The banks move to the device once, not batch by batch (a no-op on the CPU).
+    banks = [bank.to(device) for bank in (train_pixels, train_labels, eval_pixels, eval_labels)]
+    history = _train(model, heads, banks[:2], banks[2:], tower, cfg)
     model.save_pretrained(str(out_dir))
     processor.save_pretrained(str(out_dir))
     metrics = {
@@ -191,8 +193,7 @@ def _train(model, heads, train, evaluation, tower: VisionTowerConfig, cfg: Visio
             order, cursor = torch.randperm(len(pixels), generator=generator), 0
         batch = order[cursor : cursor + cfg.batch_size]
         cursor += cfg.batch_size
-        loss = dense_loss(heads(patch_features(model, pixels[batch].to(model.device), tower.select_layer)),
-                          labels[batch].to(model.device))
+        loss = dense_loss(heads(patch_features(model, pixels[batch], tower.select_layer)), labels[batch])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([*model.parameters(), *heads.parameters()], 1.0)
