@@ -7,6 +7,9 @@
 #                                           # (transformers, peft, huggingface_hub and its http stack)
 #   there: benchmarks/gpu_sweep.sh run FILE # FILE: one variant a line, "name probe-args..."; the
 #                                           # tokenizer must be at runs/local_debug/data/tokenizer
+#   there: benchmarks/gpu_sweep.sh train [OVERRIDES]  # one whole `vir-train` (experiment=synthetic_gpu unless
+#                                           # OVERRIDES name another), stopped after LIMIT seconds; its log
+#                                           # and metrics land in $OUT
 #
 # SWEEP_DEVICE=cpu runs the same probes here (a check of the script). With the device tool: carry
 # [".gpu_deps", "runs/local_debug/data/tokenizer"] (FILE travels if tracked) and run
@@ -31,14 +34,30 @@ pack)
     find .gpu_deps -name __pycache__ -prune -exec rm -rf {} +
     du -sh .gpu_deps
     ;;
-run)
-    variants=${2:?"usage: $0 run FILE"}
+run | train)
     unpacked=$(mktemp -d)
     tar -C "$unpacked" -xzf .gpu_deps/transformers.tgz || exit 1
-    export PYTHONPATH=$PWD/src:$unpacked:$PWD/.gpu_deps OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 \
-        TOKENIZERS_PARALLELISM=false
+    export PYTHONPATH=$PWD/src:$unpacked:$PWD/.gpu_deps PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
     python3 -c "import torch, transformers, vir.recipes.llm_base; print(torch.__version__,
         transformers.__version__, torch.cuda.is_available())" || exit 1
+    ;;&
+train)
+    shift
+    out=${OUT:-.}
+    start=$(date +%s)
+    set -o pipefail
+    TQDM_MININTERVAL=10 timeout "${LIMIT:-540}" python3 -m vir.cli.train experiment=synthetic_gpu \
+        training.output_dir=runs/gpu_train "$@" 2>&1 | tee "$out/log"
+    echo "exit $? after $(( $(date +%s) - start )) s" | tee -a "$out/log"
+    for file in metrics.json bases/llm/pretrain_metrics.json trainer_state.json curves.png data_stats.json; do
+        [ -f "runs/gpu_train/$file" ] && cp "runs/gpu_train/$file" "$out/"
+    done
+    last=$(ls runs/gpu_train/samples/*.png 2>/dev/null | sort -V | tail -1)
+    [ -n "$last" ] && cp "$last" "$out/samples.png"
+    ;;
+run)
+    variants=${2:?"usage: $0 run FILE"}
+    export OMP_NUM_THREADS=1
     logs=$(mktemp -d)
     while read -r name args; do
         [ -z "$name" ] || [ "${name:0:1}" = "#" ] && continue
@@ -53,7 +72,7 @@ run)
     done | tee "${OUT:-.}/sweep.txt"
     ;;
 *)
-    echo "usage: $0 pack | run FILE" >&2
+    echo "usage: $0 pack | run FILE | train [OVERRIDES]" >&2
     exit 2
     ;;
 esac
