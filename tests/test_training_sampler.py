@@ -95,6 +95,22 @@ def test_length_grouping_cuts_padding_and_keeps_batches_single_modality():
     assert firsts != sorted(firsts, reverse=True)
 
 
+def test_length_grouping_spreads_a_modality_smaller_than_a_megabatch_over_the_epoch():
+    # 1000 text-only records against megabatches of 32 batches of 32 (the GPU recipe's stage 2): all of them
+    # once formed one partial megabatch, trained as 31 text-only steps in a row at the end of every epoch.
+    lengths = _lengths(19000, 1000)
+    for seed in range(3):
+        indices = modality_grouped_indices(lengths, 32 * 32, torch.Generator().manual_seed(seed), batch_size=32)
+        assert sorted(indices) == list(range(len(lengths)))
+        batches = _batches(indices, 32)
+        text_only = [k for k, b in enumerate(batches) if lengths[b[0]] < 0 and not _is_mixed(b, lengths)]
+        assert len(text_only) == 31  # 1000 // 32 whole batches; the 8 left over share the tail batch
+        assert min(text_only) < len(batches) // 2  # spread over the epoch, not a block at its end
+        assert max(b - a for a, b in zip(text_only, text_only[1:])) > 1
+        mixed = [k for k, b in enumerate(batches) if _is_mixed(b, lengths)]
+        assert mixed in ([], [len(batches) - 1], [len(batches) - 2]), (seed, mixed)
+
+
 def test_length_grouping_needs_a_batch_size_that_divides_the_megabatch():
     with pytest.raises(ValueError, match="batch_size=3 must divide megabatch_size=8"):
         modality_grouped_indices(_lengths(8, 0), 8, batch_size=3)

@@ -24,8 +24,11 @@ def modality_grouped_indices(
     dividing `megabatch_size`) would straddle two megabatches and mix modalities; at the end only the tail can.
 
     With `batch_size` (a divisor of `megabatch_size`, e.g. a megabatch of 32 batches as HF's `group_by_length`
-    uses 50), each sorted full megabatch is cut into batches of similar length and those batches, not whole
-    megabatches, are shuffled: little padding, and no run of long-to-short batches.
+    uses 50), each sorted megabatch is cut into batches of similar length and those batches, not whole
+    megabatches, are shuffled: little padding, and no run of long-to-short batches. The whole batches of a
+    partial megabatch join that shuffle too; only each modality's last `< batch_size` samples go last. Else a
+    modality smaller than one megabatch (1000 text-only records against a megabatch of 32 x 32) would come
+    all at once at the end of every epoch: 31 text-only steps in a row.
     """
     if batch_size is not None and (batch_size < 1 or megabatch_size % batch_size):
         raise ValueError(f"batch_size={batch_size} must divide megabatch_size={megabatch_size}")
@@ -41,7 +44,9 @@ def modality_grouped_indices(
             chunk = sorted(shuffled[start : start + megabatch_size], key=lambda i: -abs(modality_lengths[i]))
             (full if len(chunk) == megabatch_size else partial).append(chunk)
     if batch_size is not None:
-        full = [chunk[j : j + batch_size] for chunk in full for j in range(0, len(chunk), batch_size)]
+        batches = [chunk[j : j + batch_size] for chunk in full + partial for j in range(0, len(chunk), batch_size)]
+        full = [batch for batch in batches if len(batch) == batch_size]
+        partial = [batch for batch in batches if len(batch) < batch_size]
     order = torch.randperm(len(full), generator=generator).tolist()
     return [i for k in order for i in full[k]] + [i for chunk in partial for i in chunk]
 
