@@ -8,8 +8,11 @@
 #   there: benchmarks/gpu_sweep.sh run FILE # FILE: one variant a line, "name probe-args..."; the
 #                                           # tokenizer must be at runs/local_debug/data/tokenizer
 #   there: benchmarks/gpu_sweep.sh train [OVERRIDES]  # one whole `vir-train` (experiment=synthetic_gpu unless
-#                                           # OVERRIDES name another), stopped after LIMIT seconds; its log
-#                                           # and metrics land in $OUT
+#                                           # OVERRIDES name another) in runs/gpu_train, stopped after LIMIT
+#                                           # seconds; its log and metrics land in $OUT
+#   there: benchmarks/gpu_sweep.sh trains FILE  # several at once, one a line "name overrides..." (in
+#                                           # runs/gpu_NAME); $OUT gets NAME.log, NAME-metrics.json and
+#                                           # NAME-base.json (the LLM base's history), 2 variants at most
 #
 # SWEEP_DEVICE=cpu runs the same probes here (a check of the script). With the device tool: carry
 # [".gpu_deps", "runs/local_debug/data/tokenizer"] (FILE travels if tracked) and run
@@ -34,26 +37,42 @@ pack)
     find .gpu_deps -name __pycache__ -prune -exec rm -rf {} +
     du -sh .gpu_deps
     ;;
-run | train)
+run | train | trains)
     unpacked=$(mktemp -d)
     tar -C "$unpacked" -xzf .gpu_deps/transformers.tgz || exit 1
     export PYTHONPATH=$PWD/src:$unpacked:$PWD/.gpu_deps PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
     python3 -c "import torch, transformers, vir.recipes.llm_base; print(torch.__version__,
         transformers.__version__, torch.cuda.is_available())" || exit 1
+    out=${OUT:-.}
+    train_one() {  # name overrides...: one vir-train in runs/gpu_NAME, its log and metrics into $out
+        local name=$1 start
+        shift
+        start=$(date +%s)
+        TQDM_MININTERVAL=10 timeout "${LIMIT:-540}" python3 -m vir.cli.train experiment=synthetic_gpu \
+            "training.output_dir=runs/gpu_$name" "$@" >"$out/$name.log" 2>&1
+        echo "exit $? after $(( $(date +%s) - start )) s" >>"$out/$name.log"
+        [ -f "runs/gpu_$name/metrics.json" ] && cp "runs/gpu_$name/metrics.json" "$out/$name-metrics.json"
+        [ -f "runs/gpu_$name/bases/llm/pretrain_metrics.json" ] &&
+            cp "runs/gpu_$name/bases/llm/pretrain_metrics.json" "$out/$name-base.json"
+        tail -8 "$out/$name.log" | sed "s/^/$name: /"
+    }
     ;;&
 train)
     shift
-    out=${OUT:-.}
-    start=$(date +%s)
-    set -o pipefail
-    TQDM_MININTERVAL=10 timeout "${LIMIT:-540}" python3 -m vir.cli.train experiment=synthetic_gpu \
-        training.output_dir=runs/gpu_train "$@" 2>&1 | tee "$out/log"
-    echo "exit $? after $(( $(date +%s) - start )) s" | tee -a "$out/log"
-    for file in metrics.json bases/llm/pretrain_metrics.json trainer_state.json curves.png data_stats.json; do
-        [ -f "runs/gpu_train/$file" ] && cp "runs/gpu_train/$file" "$out/"
-    done
+    train_one train "$@"
     last=$(ls runs/gpu_train/samples/*.png 2>/dev/null | sort -V | tail -1)
     [ -n "$last" ] && cp "$last" "$out/samples.png"
+    [ -f runs/gpu_train/curves.png ] && cp runs/gpu_train/curves.png "$out/"
+    ;;
+trains)
+    variants=${2:?"usage: $0 trains FILE"}
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-6}  # the runs share the machine's 16 cores
+    while read -r name args; do
+        [ -z "$name" ] || [ "${name:0:1}" = "#" ] && continue
+        # shellcheck disable=SC2086
+        train_one "$name" $args &
+    done <"$variants"
+    wait
     ;;
 run)
     variants=${2:?"usage: $0 run FILE"}
@@ -72,7 +91,7 @@ run)
     done | tee "${OUT:-.}/sweep.txt"
     ;;
 *)
-    echo "usage: $0 pack | run FILE | train [OVERRIDES]" >&2
+    echo "usage: $0 pack | run FILE | train [OVERRIDES] | trains FILE" >&2
     exit 2
     ;;
 esac
