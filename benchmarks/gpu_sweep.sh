@@ -9,10 +9,11 @@
 #                                           # tokenizer must be at runs/local_debug/data/tokenizer
 #   there: benchmarks/gpu_sweep.sh train [OVERRIDES]  # one whole `vir-train` (experiment=synthetic_gpu unless
 #                                           # OVERRIDES name another) in runs/gpu_train, stopped after LIMIT
-#                                           # seconds; its log and metrics land in $OUT
+#                                           # seconds; its log, metrics and bases land in $OUT
 #   there: benchmarks/gpu_sweep.sh trains FILE  # several at once, one a line "name overrides..." (in
-#                                           # runs/gpu_NAME); $OUT gets NAME.log, NAME-metrics.json and
-#                                           # NAME-base.json (the LLM base's history), 2 variants at most
+#                                           # runs/gpu_NAME); $OUT gets NAME.log, NAME-metrics.json,
+#                                           # NAME-base.json (the LLM base's history) and NAME-bases.tgz
+#                                           # (the trained bases), 2 variants at most (8 files come back)
 #
 # SWEEP_DEVICE=cpu runs the same probes here (a check of the script). With the device tool: carry
 # [".gpu_deps", "runs/local_debug/data/tokenizer"] (FILE travels if tracked) and run
@@ -54,6 +55,8 @@ run | train | trains)
         [ -f "runs/gpu_$name/metrics.json" ] && cp "runs/gpu_$name/metrics.json" "$out/$name-metrics.json"
         [ -f "runs/gpu_$name/bases/llm/pretrain_metrics.json" ] &&
             cp "runs/gpu_$name/bases/llm/pretrain_metrics.json" "$out/$name-base.json"
+        # The trained bases (tiny: ~6 MB), so that a GPU's base can be tried in the CPU recipe here.
+        [ -d "runs/gpu_$name/bases/llm" ] && tar -C "runs/gpu_$name" -czf "$out/$name-bases.tgz" bases
         tail -8 "$out/$name.log" | sed "s/^/$name: /"
     }
     ;;&
