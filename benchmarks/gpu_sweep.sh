@@ -1,6 +1,7 @@
 #!/bin/bash
-# Sweep variants of the LLM base in text on a lent GPU: each variant is one `probe_text_base.py --device cuda`
-# process, all in parallel, with the CPU recipe's steps and batch (steps, not seconds, are what transfer).
+# Work for a lent GPU. `run`: sweep variants of the LLM base in text, each one `probe_text_base.py --device
+# cuda` process, all in parallel, with the CPU recipe's steps and batch (steps, not seconds, are what
+# transfer). `train` / `trains`: whole `vir-train` runs (experiment=synthetic_gpu), one or two at once.
 #
 #   here:  benchmarks/gpu_sweep.sh pack     # .gpu_deps/: the pure-Python packages the GPU image lacks
 #                                           # (hydra, omegaconf, antlr4) or has at other versions
