@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 
 import pytest
+from omegaconf import OmegaConf
 from training_fixtures import RUNS
 
 from vir.cli import chat, eval as eval_cli
@@ -17,14 +19,30 @@ def run_dir(tmp_path_factory):
 
 
 def test_vir_eval_writes_metrics_with_blind_baseline_and_per_type(run_dir, capsys):
+    (run_dir / "metrics.json").write_text(json.dumps({"accuracy": 0.5, "stages": {"stage2": {"steps": 3}}}))
     eval_cli.main([str(run_dir), "--split", "eval", "--limit", "5", "--max-new-tokens", "3"])
     out = capsys.readouterr().out
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    # Another split never overwrites the run's test figures.
+    assert json.loads((run_dir / "metrics.json").read_text())["accuracy"] == 0.5
+    metrics = json.loads((run_dir / "metrics_eval.json").read_text())
     assert metrics["n"] == 5 and 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["blind_accuracy"] <= 1
     assert sum(row["n"] for row in metrics["per_type"].values()) == 5
     assert all({"accuracy", "blind_accuracy", "n"} <= set(row) for row in metrics["per_type"].values())
     assert len((run_dir / "predictions_eval.jsonl").read_text().splitlines()) == 5
-    assert "overall" in out
+    assert "overall" in out and "metrics_eval.json" in out
+
+
+def test_vir_eval_on_the_test_split_keeps_what_training_wrote(run_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("checkpoint-*"))
+    cfg = OmegaConf.load(run / "vir_config.yaml")
+    cfg.data.test_path = cfg.data.eval_path  # the fixture's run has no test split of its own
+    OmegaConf.save(cfg, run / "vir_config.yaml")
+    (run / "metrics.json").write_text(json.dumps({"accuracy": 0.5, "stages": {"stage2": {"steps": 3}}}))
+    eval_cli.main([str(run), "--split", "test", "--limit", "4", "--max-new-tokens", "3", "--no-blind"])
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["n"] == 4 and metrics["split"] == "test" and metrics["stages"] == {"stage2": {"steps": 3}}
+    assert f"{run}/metrics.json" in capsys.readouterr().out
 
 
 def test_vir_eval_on_a_missing_run_exits_with_a_message(tmp_path, capsys):

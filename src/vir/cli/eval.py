@@ -1,5 +1,6 @@
 """`vir-eval RUN_DIR [--split test]`: exact-match accuracy of a run, per question type, beside a blind
-baseline (images blanked); writes `RUN_DIR/metrics.json` and `RUN_DIR/predictions_<split>.jsonl`."""
+baseline (images blanked); writes `RUN_DIR/metrics.json` (the test split; other splits
+`metrics_<split>.json`, so they never overwrite the run's test figures) and `RUN_DIR/predictions_<split>.jsonl`."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import argparse
 import logging
 import sys
 
-from vir.inference.evaluate import evaluate_run, format_metrics
+from vir.inference.evaluate import evaluate_run, format_metrics, metrics_file
 
 
 def main(argv=None) -> None:
@@ -29,7 +30,7 @@ def main(argv=None) -> None:
         print(f"vir-eval: {err}", file=sys.stderr)
         sys.exit(2)
     print(format_metrics(metrics))
-    print(f"wrote {args.run_dir}/metrics.json")
+    print(f"wrote {args.run_dir}/{metrics_file(args.split, args.data)}")
 
 
 if __name__ == "__main__":

@@ -110,7 +110,9 @@ def evaluate_run(run_dir, split: str = "test", data_path: Optional[str] = None, 
                  blind: bool = True, max_new_tokens: int = 16, batch_size: int = 64,
                  write: bool = True) -> dict:
     """Load a run directory (`vir.models.checkpoint.load_run`), score `split` of its data (or `data_path`),
-    with the blind baseline beside it; writes `<run_dir>/metrics.json` unless `write=False`."""
+    with the blind baseline beside it; unless `write=False`, writes `<run_dir>/<metrics_file(...)>` and
+    `predictions_<split>.jsonl`. Rewriting the test split's `metrics.json` keeps what training put there (the
+    stages' losses, the data-pipeline counters); another split never overwrites it."""
     from vir.models.checkpoint import load_run
 
     model, tokenizer, image_processor, run_cfg = load_run(run_dir)
@@ -131,8 +133,27 @@ def evaluate_run(run_dir, split: str = "test", data_path: Optional[str] = None, 
         (out / f"predictions_{split}.jsonl").write_text(
             "".join(json.dumps(row) + "\n" for row in metrics["predictions"]))
         summary = {k: v for k, v in metrics.items() if k != "predictions"}
-        (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+        target = out / metrics_file(split, data_path)
+        if target.name == METRICS_FILE and target.is_file():
+            try:
+                kept = json.loads(target.read_text())
+            except ValueError:
+                kept = {}
+            summary = {**{k: kept[k] for k in _TRAINING_KEYS if k in kept}, **summary}
+        target.write_text(json.dumps(summary, indent=2))
     return {k: v for k, v in metrics.items() if k != "predictions"}
+
+
+METRICS_FILE = "metrics.json"  # the run's headline figures: the test split, as `make train` writes them
+_TRAINING_KEYS = ("stages", "data_stats")  # what a training run adds to metrics.json beside the scores
+
+
+def metrics_file(split: str, data_path: Optional[str] = None) -> str:
+    """Where `evaluate_run` writes a split's figures: `metrics.json` for the run's own test split, else
+    `metrics_<split>.json` (`metrics_<file stem>.json` for another data file)."""
+    if data_path is not None:
+        return f"metrics_{Path(data_path).stem}.json"
+    return METRICS_FILE if split == "test" else f"metrics_{split}.json"
 
 
 def format_metrics(metrics: dict) -> str:
