@@ -68,12 +68,12 @@ def main() -> None:
     parser.add_argument("--format", choices=["grid", "description"], default="grid",
                         help="scene rendering of the training and held-out documents (scene_text.SCENE_FORMATS)")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda for GPU sweeps (same steps, same figures)")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides on experiment=local_debug (model sizes)")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides on experiment=local_debug_scratch (model sizes)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
 
-    cfg = compose_config(["experiment=local_debug", *args.overrides])
+    cfg = compose_config(["experiment=local_debug_scratch", *args.overrides])
     spec = as_spec(cfg.data.synthetic)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     tokenizer.add_tokens(grid_tokens(spec))

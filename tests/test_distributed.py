@@ -17,7 +17,7 @@ import torch
 from vir.training.distributed import borrowed_cores, sum_over_processes
 
 TINY = [
-    "experiment=local_debug",
+    "experiment=local_debug_scratch",
     "data.synthetic.num_stage1=32", "data.synthetic.num_train=48", "data.synthetic.num_eval=8",
     "data.synthetic.num_test=8", "data.synthetic.vocab_size=400", "data.synthetic.image_size=32",
     "model.vision_tower.image_size=32", "model.vision_tower.patch_size=8", "model.vision_tower.hidden_size=32",

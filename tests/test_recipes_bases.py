@@ -34,8 +34,9 @@ from vir.recipes import (
     scene_qa_examples,
     to_messages,
 )
+from vir.recipes import llm_base, vision_base
 from vir.recipes.bases import base_qa_spec
-from vir.recipes.common import METRICS_FILE
+from vir.recipes.common import METRICS_FILE, BaseMismatchError
 from vir.recipes.llm_base import LabelledLoss, labelled_tokens_per_document, length_grouped_batches, pad_batch
 from vir.models.builder import clip_image_processor
 from vir.recipes.vision_base import dense_labels, render_bank
@@ -418,9 +419,9 @@ def test_init_from_words_sums_the_word_embeddings(synthetic_tokenizer_dir):
 
 
 @pytest.mark.slow
-def test_build_bases_from_the_shipped_config(tmp_path):
+def test_build_bases_from_the_shipped_config(tmp_path, monkeypatch):
     overrides = [
-        f"data.image_folder={tmp_path / 'data'}",
+        "experiment=local_debug_scratch", f"data.image_folder={tmp_path / 'data'}",
         "data.synthetic.num_stage1=20", "data.synthetic.num_train=40", "data.synthetic.num_eval=4",
         "data.synthetic.num_test=4", "data.synthetic.vocab_size=400",
         "model.vision_tower.image_size=64", "model.vision_tower.patch_size=16", "model.vision_tower.hidden_size=32",
@@ -439,3 +440,21 @@ def test_build_bases_from_the_shipped_config(tmp_path):
     stamps = [(d / METRICS_FILE).stat().st_mtime_ns for d in (llm_dir, clip_dir)]
     assert build_bases(tmp_path / "bases", cfg) == (llm_dir, clip_dir)
     assert [(d / METRICS_FILE).stat().st_mtime_ns for d in (llm_dir, clip_dir)] == stamps
+
+    # bases.source: finished bases are copied and reused as they are, never retrained.
+    def no_training(*args, **kwargs):
+        raise AssertionError("a base from bases.source was retrained")
+
+    monkeypatch.setattr(vision_base, "_train", no_training)
+    monkeypatch.setattr(llm_base, "_train", no_training)
+    sourced = compose_config([*overrides, f"bases.source={tmp_path / 'bases'}"])
+    copied = build_bases(tmp_path / "copy", sourced)
+    assert copied == (tmp_path / "copy" / "llm", tmp_path / "copy" / "clip")
+    for name in ("llm/model.safetensors", "llm/tokenizer.json", "clip/model.safetensors", f"clip/{METRICS_FILE}"):
+        assert (tmp_path / "copy" / name).read_bytes() == (tmp_path / "bases" / name).read_bytes()
+    # Other inputs than the source's (here the LLM budget) are an error naming the key and the way out.
+    with pytest.raises(BaseMismatchError, match=r"bases.source=.*LLM base.*bases.source=null"):
+        build_bases(tmp_path / "copy", compose_config([*overrides, f"bases.source={tmp_path / 'bases'}",
+                                                        "bases.llm.max_steps=4"]))
+    with pytest.raises(FileNotFoundError, match=r"bases.source=.*nowhere.*bases.source=null"):
+        build_bases(tmp_path / "copy", compose_config([*overrides, f"bases.source={tmp_path / 'nowhere'}"]))

@@ -6,19 +6,25 @@ through `model.vision_tower.path` and `model.llm.path` exactly as it reads a use
 Llama-3 directories; nothing downstream knows they were made here.
 
     llm_dir, clip_dir = build_bases(cfg.bases.output_dir, cfg)   # idempotent: a finished base is reused
+
+With `bases.source` it starts from finished bases instead (`vir:assets/bases/local_debug` ships the ones the
+embedded default uses, built by this module on a GPU): they are copied under `root` and checked against the
+config's fingerprints, so a shipped base is only ever used for the inputs it was trained on.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any, Optional, Tuple
 
 from vir.data.synthetic import as_spec, corpus_texts, generate
 from vir.data.synthetic.questions import AUX_QUESTION_TYPES, QUESTION_TYPES
 from vir.data.synthetic.splits import check_question_mix
-from vir.recipes.common import PathLike, as_dataclass
+from vir.recipes.common import METRICS_FILE, PathLike, as_dataclass
 from vir.recipes.llm_base import pretrain_llm
 from vir.recipes.scene_text import grid_token_words, grid_tokens, scene_caption_examples, scene_qa_examples
 from vir.recipes.vision_base import pretrain_vision_tower
@@ -56,8 +62,11 @@ def build_bases(root: PathLike, cfg: Any, tokenizer_dir: Optional[PathLike] = No
         with main_process_first():
             tokenizer_dir = generate(cfg.data.image_folder, spec).tokenizer
     clip_dir, llm_dir = root / CLIP_SUBDIR, root / LLM_SUBDIR
+    if bases.source:
+        with main_process_first():
+            copy_bases(resolve_source(bases.source), root)
     with main_process_first():  # short: one process on every core
-        pretrain_vision_tower(clip_dir, spec, cfg.model.vision_tower, bases.vision)
+        pretrain_vision_tower(clip_dir, spec, cfg.model.vision_tower, bases.vision, source=bases.source)
     llm_cfg = bases.llm
     corpus = corpus_texts(spec)
     if llm_cfg.corpus_documents is not None:  # an even subsample, deterministic
@@ -74,7 +83,7 @@ def build_bases(root: PathLike, cfg: Any, tokenizer_dir: Optional[PathLike] = No
     grid = llm_cfg.scene_format == "grid"
     pretrain_llm(llm_dir, tokenizer_dir, documents, cfg.model.llm, llm_cfg, eval_examples=eval_examples,
                  extra_tokens=grid_tokens(spec) if grid else (),
-                 token_words=grid_token_words(spec) if grid else None)
+                 token_words=grid_token_words(spec) if grid else None, source=bases.source)
     logger.info("base models ready: model.llm.path=%s model.vision_tower.path=%s", llm_dir, clip_dir)
     return llm_dir, clip_dir
 
@@ -86,3 +95,41 @@ def base_qa_spec(spec: SyntheticConfig, llm_cfg: LLMPretrainConfig) -> Synthetic
         return spec
     check_question_mix(llm_cfg.question_mix, "bases.llm.question_mix", [*QUESTION_TYPES, *AUX_QUESTION_TYPES])
     return dataclasses.replace(spec, question_mix=dict(llm_cfg.question_mix))
+
+
+PACKAGE_PREFIX = "vir:"
+
+
+def resolve_source(source: str) -> Path:
+    """`bases.source` as a directory: `vir:PATH` lies inside the installed `vir` package, anything else is a
+    filesystem path. It must hold `clip/` and `llm/` finished bases (each with its `pretrain_metrics.json`)."""
+    if source.startswith(PACKAGE_PREFIX):
+        path = Path(__file__).resolve().parents[1] / source[len(PACKAGE_PREFIX):]
+    else:
+        path = Path(source)
+    missing = [sub for sub in (CLIP_SUBDIR, LLM_SUBDIR) if not (path / sub / METRICS_FILE).is_file()]
+    if missing:
+        raise FileNotFoundError(f"bases.source={source}: {path} holds no finished {' / '.join(missing)} base "
+                                f"(want {CLIP_SUBDIR}/ and {LLM_SUBDIR}/ with {METRICS_FILE}, as a run's bases/ "
+                                "has); set bases.source=null to train the bases here")
+    return path
+
+
+def copy_bases(source: Path, root: Path) -> None:
+    """Copy `source`'s `clip/` and `llm/` under `root`, each unless `root` already holds the same fingerprint."""
+    for sub in (CLIP_SUBDIR, LLM_SUBDIR):
+        held = _fingerprint(root / sub)
+        if held == _fingerprint(source / sub):
+            continue
+        if (root / sub).exists():
+            logger.warning("replacing the base at %s (fingerprint %s) with the one from %s", root / sub, held, source)
+        shutil.rmtree(root / sub, ignore_errors=True)
+        shutil.copytree(source / sub, root / sub)
+        logger.info("base %s copied from %s", root / sub, source / sub)
+
+
+def _fingerprint(base_dir: Path) -> Optional[str]:
+    try:
+        return json.loads((base_dir / METRICS_FILE).read_text()).get("fingerprint")
+    except (OSError, ValueError):
+        return None

@@ -14,6 +14,8 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Type, TypeVar, Union
 import torch
 from transformers import get_cosine_schedule_with_warmup
 
+from vir.utils.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, Path]
@@ -78,6 +80,26 @@ def finished_metrics(out_dir: PathLike, digest: str, required: Iterable[str]) ->
     if metrics.get("fingerprint") != digest or not all((out_dir / name).is_file() for name in required):
         return None
     return metrics
+
+
+class BaseMismatchError(UserError):
+    """A base copied from `bases.source` was built for other inputs than this config's."""
+
+
+def refuse_mismatch(kind: str, out_dir: PathLike, digest: str, source: str) -> BaseMismatchError:
+    """The error for a base taken from `source` (`bases.source`) whose fingerprint is not this config's: no
+    silent retraining (a shipped base stands for hours of CPU), and the message says what to do."""
+    try:
+        found = json.loads((Path(out_dir) / METRICS_FILE).read_text()).get("fingerprint")
+    except (OSError, ValueError):
+        found = None
+    shipped = (" The shipped bases fit `experiment=local_debug` as it is; experiment=synthetic_gpu rebuilds them "
+               "(~8 minutes of LLM base on one GPU)." if source.startswith("vir:") else "")
+    return BaseMismatchError(
+        f"bases.source={source}: its {kind} base (copied to {out_dir}, fingerprint {found}) was built for other "
+        f"inputs than this config's (fingerprint {digest}): overrides of data.synthetic.*, model.llm.* / "
+        f"model.vision_tower.* sizes or bases.* change what the base would be.{shipped} Set bases.source=null to "
+        "train the bases here (experiment=local_debug_scratch trains small ones in ~9 minutes on a 2-core CPU).")
 
 
 def write_metrics(out_dir: PathLike, metrics: Mapping[str, Any]) -> None:

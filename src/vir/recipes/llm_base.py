@@ -32,6 +32,7 @@ from vir.recipes.common import (
     clear_metrics,
     finished_metrics,
     fingerprint,
+    refuse_mismatch,
     write_metrics,
 )
 from vir.recipes.scene_text import Document, SceneCaption, to_messages
@@ -151,6 +152,7 @@ def pretrain_llm(
     force: bool = False,
     extra_tokens: Sequence[str] = (),
     token_words: Optional[Mapping[str, str]] = None,
+    source: Optional[str] = None,
 ) -> Dict[str, Any]:
     """Train a random-init Llama as a causal LM on `texts`; save it with its tokenizer to `out_dir`.
 
@@ -163,7 +165,8 @@ def pretrain_llm(
     of their words' (`init_from_words`). Writes a self-contained HF Llama directory (`config.json`,
     `model.safetensors`, tokenizer files) and, last, `pretrain_metrics.json` (loss and accuracy over time);
     returns the metrics, or the saved ones at once when `out_dir` holds a finished run with the same inputs
-    (unless `force`).
+    (unless `force`). With `source` (`bases.source`, where `out_dir`'s base was copied from) a base that does
+    not match raises `BaseMismatchError` instead of being retrained.
     """
     llm = as_dataclass(LLMConfig, llm_cfg)
     cfg = as_dataclass(LLMPretrainConfig, pretrain_cfg)
@@ -181,6 +184,8 @@ def pretrain_llm(
     if done is not None and not force:
         logger.info("LLM at %s matches the inputs (fingerprint %s); not retraining", out_dir, digest)
         return done
+    if source is not None:
+        raise refuse_mismatch("LLM", out_dir, digest, source)
     state = run_state()
     rank, world = state.process_index, state.num_processes
     if rank == 0:

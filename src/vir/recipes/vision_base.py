@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ from vir.recipes.common import (
     clear_metrics,
     finished_metrics,
     fingerprint,
+    refuse_mismatch,
     write_metrics,
 )
 from vir.training.distributed import run_state
@@ -124,7 +125,8 @@ def dense_accuracy(
 
 
 def pretrain_vision_tower(
-    out_dir: PathLike, synthetic_spec: Any, tower_cfg: Any, pretrain_cfg: Any = None, force: bool = False
+    out_dir: PathLike, synthetic_spec: Any, tower_cfg: Any, pretrain_cfg: Any = None, force: bool = False,
+    source: Optional[str] = None,
 ) -> Dict[str, Any]:
     """Train a random-init CLIP tower with dense per-patch heads on synthetic scenes; save it to `out_dir`.
 
@@ -133,6 +135,8 @@ def pretrain_vision_tower(
     `CLIPVisionModel`), `preprocessor_config.json` (`CLIPImageProcessorPil`) and, last,
     `pretrain_metrics.json` (per-head held-out accuracy over time). Returns the metrics; returns the saved
     ones at once when `out_dir` already holds a finished run with the same configuration (unless `force`).
+    With `source` (`bases.source`, where `out_dir`'s tower was copied from) a tower that does not match raises
+    `BaseMismatchError` instead of being retrained.
     """
     spec = as_spec(synthetic_spec)
     tower = as_dataclass(VisionTowerConfig, tower_cfg)
@@ -143,6 +147,8 @@ def pretrain_vision_tower(
     if done is not None and not force:
         logger.info("vision tower at %s matches the config (fingerprint %s); not retraining", out_dir, digest)
         return done
+    if source is not None:
+        raise refuse_mismatch("vision tower", out_dir, digest, source)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     clear_metrics(out_dir)
     torch.manual_seed(cfg.seed)

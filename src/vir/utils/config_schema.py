@@ -220,10 +220,16 @@ class LLMPretrainConfig:
 @dataclass
 class BasesConfig:
     """The embedded default's own "pretrained" CLIP tower and Llama (`vir.recipes.build_bases`), built from
-    scratch on the synthetic data and saved as local HF directories under `output_dir` (`clip/`, `llm/`),
-    then consumed through `model.vision_tower.path` / `model.llm.path` like any downloaded checkpoint."""
+    scratch on the synthetic data (or copied from `source`) and saved as local HF directories under
+    `output_dir` (`clip/`, `llm/`), then consumed through `model.vision_tower.path` / `model.llm.path` like any
+    downloaded checkpoint."""
 
     output_dir: str = "runs/bases"
+    # Finished bases to start from instead of training them: a directory holding `clip/` and `llm/` (a former
+    # run's `bases/`), or `vir:PATH` inside the installed package (`vir:assets/bases/local_debug`, the ones
+    # `make train` uses, built by `experiment=synthetic_gpu` on a GPU). They are copied to `output_dir` and
+    # must match this config's fingerprints; a mismatch is an error, never a silent retraining.
+    source: Optional[str] = None
     vision: VisionPretrainConfig = field(default_factory=VisionPretrainConfig)
     llm: LLMPretrainConfig = field(default_factory=LLMPretrainConfig)
 
