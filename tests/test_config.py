@@ -97,3 +97,23 @@ def test_cli_prints_composed_config():
     )
     assert proc.returncode == 0, proc.stderr
     assert "seed: 7" in proc.stdout
+
+
+def test_cli_reports_errors_the_user_can_fix_without_traceback(monkeypatch, capsys):
+    from vir.recipes.common import BaseMismatchError
+    from vir.utils.config import cli_entry
+
+    def run(cfg):
+        raise BaseMismatchError("bases.source=somewhere: its LLM base was built for other inputs")
+
+    monkeypatch.setattr(sys, "argv", ["vir-train", "seed=3"])
+    with pytest.raises(SystemExit) as err:
+        cli_entry(run)()
+    assert err.value.code == 2
+    assert capsys.readouterr().err.strip() == "vir-train: bases.source=somewhere: its LLM base was built for other inputs"
+
+    def bug(cfg):
+        raise KeyError("a bug keeps its traceback")
+
+    with pytest.raises(KeyError):
+        cli_entry(bug)()

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from vir.utils.errors import UserError
+
 IGNORE_INDEX = -100
 DEFAULT_IMAGE_TOKEN = "<image>"
 ROLES = ("system", "user", "assistant")
@@ -41,7 +43,7 @@ class Record:
         return len(self.images)
 
 
-class InvalidRecordError(ValueError):
+class InvalidRecordError(UserError):
     """A record that cannot be trained on; `record_id` and `reason` say which and why."""
 
     def __init__(self, record_id: str, reason: str):

@@ -14,9 +14,10 @@ from typing import Any, Iterator, Union
 import numpy as np
 
 from vir.data.conversation import Message, Record
+from vir.utils.errors import UserError
 
 
-class DataFileError(ValueError):
+class DataFileError(UserError):
     """A data file that cannot be parsed; the message names the file (and line for JSONL)."""
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 from hydra import compose, initialize_config_module
@@ -14,12 +15,13 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from vir.utils.config_schema import VirConfig, register_configs
+from vir.utils.errors import UserError
 
 CONFIG_MODULE = "vir.conf"
 CONFIG_NAME = "config"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config the user wrote is wrong; the message names the key and what to do."""
 
 
@@ -86,6 +88,11 @@ def cli_entry(run: Callable[[DictConfig], int]) -> Callable[[], None]:
         if print_cfg:
             print(OmegaConf.to_yaml(cfg, resolve=True))
             sys.exit(0)
-        sys.exit(run(cfg))
+        try:
+            status = run(cfg)
+        except (UserError, FileNotFoundError) as err:  # what the user can fix: the message, no traceback
+            print(f"{Path(sys.argv[0]).name}: {err}", file=sys.stderr)
+            sys.exit(2)
+        sys.exit(status)
 
     return main
