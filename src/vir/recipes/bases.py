@@ -15,7 +15,6 @@ config's fingerprints, so a shipped base is only ever used for the inputs it was
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any, Optional, Tuple
 from vir.data.synthetic import as_spec, corpus_texts, generate
 from vir.data.synthetic.questions import AUX_QUESTION_TYPES, QUESTION_TYPES
 from vir.data.synthetic.splits import check_question_mix
-from vir.recipes.common import METRICS_FILE, PathLike, as_dataclass
+from vir.recipes.common import METRICS_FILE, PathLike, as_dataclass, saved_fingerprint
 from vir.recipes.llm_base import pretrain_llm
 from vir.recipes.scene_text import grid_token_words, grid_tokens, scene_caption_examples, scene_qa_examples
 from vir.recipes.vision_base import pretrain_vision_tower
@@ -118,18 +117,11 @@ def resolve_source(source: str) -> Path:
 def copy_bases(source: Path, root: Path) -> None:
     """Copy `source`'s `clip/` and `llm/` under `root`, each unless `root` already holds the same fingerprint."""
     for sub in (CLIP_SUBDIR, LLM_SUBDIR):
-        held = _fingerprint(root / sub)
-        if held == _fingerprint(source / sub):
+        held = saved_fingerprint(root / sub)
+        if held == saved_fingerprint(source / sub):
             continue
         if (root / sub).exists():
             logger.warning("replacing the base at %s (fingerprint %s) with the one from %s", root / sub, held, source)
         shutil.rmtree(root / sub, ignore_errors=True)
         shutil.copytree(source / sub, root / sub)
         logger.info("base %s copied from %s", root / sub, source / sub)
-
-
-def _fingerprint(base_dir: Path) -> Optional[str]:
-    try:
-        return json.loads((base_dir / METRICS_FILE).read_text()).get("fingerprint")
-    except (OSError, ValueError):
-        return None

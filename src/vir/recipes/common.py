@@ -82,6 +82,14 @@ def finished_metrics(out_dir: PathLike, digest: str, required: Iterable[str]) ->
     return metrics
 
 
+def saved_fingerprint(out_dir: PathLike) -> Optional[str]:
+    """The fingerprint in `out_dir`'s `pretrain_metrics.json`, None when there is no readable one."""
+    try:
+        return json.loads((Path(out_dir) / METRICS_FILE).read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 class BaseMismatchError(UserError):
     """A base copied from `bases.source` was built for other inputs than this config's."""
 
@@ -89,10 +97,7 @@ class BaseMismatchError(UserError):
 def refuse_mismatch(kind: str, out_dir: PathLike, digest: str, source: str) -> BaseMismatchError:
     """The error for a base taken from `source` (`bases.source`) whose fingerprint is not this config's: no
     silent retraining (a shipped base stands for hours of CPU), and the message says what to do."""
-    try:
-        found = json.loads((Path(out_dir) / METRICS_FILE).read_text()).get("fingerprint")
-    except (OSError, ValueError):
-        found = None
+    found = saved_fingerprint(out_dir)
     shipped = (" The shipped bases fit `experiment=local_debug` as it is; experiment=synthetic_gpu rebuilds them "
                "(~8 minutes of LLM base on one GPU)." if source.startswith("vir:") else "")
     return BaseMismatchError(
