@@ -110,7 +110,8 @@ def test_cli_reports_errors_the_user_can_fix_without_traceback(monkeypatch, caps
     with pytest.raises(SystemExit) as err:
         cli_entry(run)()
     assert err.value.code == 2
-    assert capsys.readouterr().err.strip() == "vir-train: bases.source=somewhere: its LLM base was built for other inputs"
+    expected = "vir-train: bases.source=somewhere: its LLM base was built for other inputs"
+    assert capsys.readouterr().err.strip() == expected
 
     def bug(cfg):
         raise KeyError("a bug keeps its traceback")

@@ -5,4 +5,5 @@ from __future__ import annotations
 
 
 class UserError(ValueError):
-    """Something the user wrote or pointed at is wrong; the message names the key, path or record and what to do."""
+    """Something the user wrote or pointed at is wrong; the message names the key, path or record, and what
+    to do."""
