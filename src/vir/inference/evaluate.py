@@ -106,6 +106,10 @@ def evaluate_with_blind(model, tokenizer, image_processor, items: Sequence[EvalI
             "predictions": seen.predictions}
 
 
+METRICS_FILE = "metrics.json"  # the run's headline figures: the test split, as `make train` writes them
+_TRAINING_KEYS = ("stages", "data_stats")  # what a training run adds to metrics.json beside the scores
+
+
 def evaluate_run(run_dir, split: str = "test", data_path: Optional[str] = None, limit: Optional[int] = None,
                  blind: bool = True, max_new_tokens: int = 16, batch_size: int = 64,
                  write: bool = True) -> dict:
@@ -142,10 +146,6 @@ def evaluate_run(run_dir, split: str = "test", data_path: Optional[str] = None, 
             summary = {**{k: kept[k] for k in _TRAINING_KEYS if k in kept}, **summary}
         target.write_text(json.dumps(summary, indent=2))
     return {k: v for k, v in metrics.items() if k != "predictions"}
-
-
-METRICS_FILE = "metrics.json"  # the run's headline figures: the test split, as `make train` writes them
-_TRAINING_KEYS = ("stages", "data_stats")  # what a training run adds to metrics.json beside the scores
 
 
 def metrics_file(split: str, data_path: Optional[str] = None) -> str:

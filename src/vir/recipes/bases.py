@@ -23,7 +23,7 @@ from typing import Any, Optional, Tuple
 from vir.data.synthetic import as_spec, corpus_texts, generate
 from vir.data.synthetic.questions import AUX_QUESTION_TYPES, QUESTION_TYPES
 from vir.data.synthetic.splits import check_question_mix
-from vir.recipes.common import METRICS_FILE, PathLike, as_dataclass, saved_fingerprint
+from vir.recipes.common import METRICS_FILE, PACKAGE_PREFIX, PathLike, as_dataclass, saved_fingerprint
 from vir.recipes.llm_base import pretrain_llm
 from vir.recipes.scene_text import grid_token_words, grid_tokens, scene_caption_examples, scene_qa_examples
 from vir.recipes.vision_base import pretrain_vision_tower
@@ -94,9 +94,6 @@ def base_qa_spec(spec: SyntheticConfig, llm_cfg: LLMPretrainConfig) -> Synthetic
         return spec
     check_question_mix(llm_cfg.question_mix, "bases.llm.question_mix", [*QUESTION_TYPES, *AUX_QUESTION_TYPES])
     return dataclasses.replace(spec, question_mix=dict(llm_cfg.question_mix))
-
-
-PACKAGE_PREFIX = "vir:"
 
 
 def resolve_source(source: str) -> Path:

@@ -22,6 +22,7 @@ PathLike = Union[str, Path]
 T = TypeVar("T")
 
 METRICS_FILE = "pretrain_metrics.json"
+PACKAGE_PREFIX = "vir:"  # `bases.source=vir:PATH`: PATH inside the installed package
 # Bump when a recipe's output changes for the same config, so stale bases are rebuilt.
 RECIPE_VERSION = 1
 
@@ -99,7 +100,7 @@ def refuse_mismatch(kind: str, out_dir: PathLike, digest: str, source: str) -> B
     silent retraining (a shipped base stands for hours of CPU), and the message says what to do."""
     found = saved_fingerprint(out_dir)
     shipped = (" The shipped bases fit `experiment=local_debug` as it is; experiment=synthetic_gpu rebuilds them "
-               "(~8 minutes of LLM base on one GPU)." if source.startswith("vir:") else "")
+               "(~8 minutes of LLM base on one GPU)." if source.startswith(PACKAGE_PREFIX) else "")
     return BaseMismatchError(
         f"bases.source={source}: its {kind} base (copied to {out_dir}, fingerprint {found}) was built for other "
         f"inputs than this config's (fingerprint {digest}): overrides of data.synthetic.*, model.llm.* / "

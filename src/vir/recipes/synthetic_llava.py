@@ -22,7 +22,7 @@ from typing import Any, Dict
 from omegaconf import DictConfig, OmegaConf
 
 from vir.data.synthetic import generate
-from vir.inference.evaluate import evaluate_run
+from vir.inference.evaluate import METRICS_FILE, evaluate_run
 from vir.recipes.finetune import visualizer_samples
 from vir.training.distributed import borrowed_cores, main_process_first, run_state
 
@@ -82,5 +82,5 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
         "stage2": {"steps": stage2.global_step, "train_loss": stage2.train_loss},
     }
     metrics["data_stats"] = stage2.data_stats
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (run_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     return metrics
