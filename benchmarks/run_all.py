@@ -26,10 +26,10 @@ from transformers import AutoTokenizer
 
 from vir.data.collator import DataCollatorForSupervisedDataset
 from vir.data.dataset import LazySupervisedDataset
-from vir.data.synthetic import generate
+from vir.demo.synthetic import generate
 from vir.models.builder import build_all, clip_image_processor
-from vir.recipes.llm_base import build_llama
-from vir.recipes.vision_base import build_clip_vision
+from vir.demo.llm_base import build_llama
+from vir.demo.vision_base import build_clip_vision
 from vir.training.modes import apply_training_mode
 from vir.training.sampler import modality_grouped_indices
 from vir.utils.config import compose_config
@@ -40,7 +40,7 @@ WARMUP_STEPS, TIMED_STEPS = 2, 6
 def build_inputs(root: Path, overrides: list[str]):
     """Synthetic data + random bases under `root`; returns (cfg, model, tokenizer, image_processor)."""
     base = compose_config(["experiment=local_debug", *overrides])
-    spec = OmegaConf.to_container(base.data.synthetic, resolve=True)
+    spec = OmegaConf.to_container(base.demo.synthetic, resolve=True)
     spec.update(num_stage1=64, num_train=512, num_eval=8, num_test=8)
     data = generate(root / "data", spec)
     tokenizer = AutoTokenizer.from_pretrained(str(data.tokenizer))

@@ -38,7 +38,7 @@ def fixture_data(tmp_path, tokenizer_dir):
 
 def _cfg(tmp_path, path, tokenizer_dir, *extra):
     return compose_config([
-        f"data.train_path={path}", f"data.image_folder={tmp_path}",
+        "model=tiny", f"data.train_path={path}", f"data.image_folder={tmp_path}",
         f"model.tokenizer_path={tokenizer_dir}", f"validate.dump_dir={tmp_path / 'dump'}", *extra,
     ])
 

@@ -30,7 +30,7 @@ def _prompt_ids(model, tokenizer, num_images=1):
 
 
 def test_build_all_from_the_shipped_tiny_config(tokenizer_dir):
-    cfg = compose_config(["~experiment", f"model.tokenizer_path={tokenizer_dir}"])  # model/tiny.yaml alone
+    cfg = compose_config(["model=tiny", f"model.tokenizer_path={tokenizer_dir}"])  # model/tiny.yaml alone
     model, tokenizer, processor = build_all(cfg)
     config = model.config
     assert isinstance(model, LlavaLlamaForCausalLM)
@@ -83,7 +83,7 @@ def _save_clip(directory, layout):
 def test_build_all_loads_local_llama_and_clip_directories(tmp_path, llm_dir, layout):
     reference_tower = _save_clip(tmp_path, layout)
     reference_llm = LlamaForCausalLM.from_pretrained(llm_dir)
-    cfg = compose_config([f"model.llm.path={llm_dir}", f"model.vision_tower.path={tmp_path}"])
+    cfg = compose_config(["model=tiny", f"model.llm.path={llm_dir}", f"model.vision_tower.path={tmp_path}"])
     model, tokenizer, processor = build_all(cfg)
 
     assert model.config.hidden_size == 48 and model.config.vision_config.image_size == 16  # read from the dirs
@@ -106,12 +106,12 @@ def test_build_all_loads_local_llama_and_clip_directories(tmp_path, llm_dir, lay
 
 
 def test_build_model_dtype_and_pretrained_projector(tmp_path, tokenizer_dir):
-    cfg = compose_config([f"model.tokenizer_path={tokenizer_dir}"])
+    cfg = compose_config(["model=tiny", f"model.tokenizer_path={tokenizer_dir}"])
     tokenizer = build_tokenizer(cfg.model)
     torch.manual_seed(0)
     stage1 = build_model(cfg.model, tokenizer)
     path = save_projector(stage1, tmp_path)
-    cfg = compose_config([f"model.tokenizer_path={tokenizer_dir}", f"model.pretrained_projector={path}",
+    cfg = compose_config(["model=tiny", f"model.tokenizer_path={tokenizer_dir}", f"model.pretrained_projector={path}",
                           "model.llm.dtype=bfloat16", "model.vision_tower.freeze=false"])
     torch.manual_seed(1)
     model = build_model(cfg.model, tokenizer)
@@ -140,23 +140,23 @@ def test_user_errors_name_the_config_key(tmp_path, tokenizer_dir, overrides, err
     tokens = {"+TOK": f"model.tokenizer_path={tokenizer_dir}", "+EMPTY": str(tmp_path)}
     resolved = [tokens.get(o, o.replace("+EMPTY", str(tmp_path))) for o in overrides]
     with pytest.raises(error, match=message):
-        build_all(compose_config(resolved))
+        build_all(compose_config(["model=tiny", *resolved]))
 
 
 def test_processor_and_tower_size_mismatch_is_reported(tmp_path, tokenizer_dir):
     CLIPVisionModel(CLIPVisionConfig(**TINY_VISION)).save_pretrained(tmp_path)
     CLIPImageProcessorPil(size={"shortest_edge": 24}, crop_size={"height": 24, "width": 24}).save_pretrained(tmp_path)
-    cfg = compose_config([f"model.tokenizer_path={tokenizer_dir}", f"model.vision_tower.path={tmp_path}"])
+    cfg = compose_config(["model=tiny", f"model.tokenizer_path={tokenizer_dir}", f"model.vision_tower.path={tmp_path}"])
     with pytest.raises(ValueError, match="crops to 24x24 but the vision tower expects 16x16"):
         build_all(cfg)
 
 
 def test_a_saved_llava_model_can_be_the_llm_path(tmp_path, tokenizer_dir):
-    cfg = compose_config(["~experiment", f"model.tokenizer_path={tokenizer_dir}", "model.projector_type=linear"])
+    cfg = compose_config(["model=tiny", f"model.tokenizer_path={tokenizer_dir}", "model.projector_type=linear"])
     model, tokenizer, _ = build_all(cfg)
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    reloaded, reloaded_tokenizer, _ = build_all(compose_config(["~experiment", f"model.llm.path={tmp_path}",
+    reloaded, reloaded_tokenizer, _ = build_all(compose_config(["model=tiny", f"model.llm.path={tmp_path}",
                                                                 "model.projector_type=linear"]))
     assert len(reloaded_tokenizer) == len(tokenizer) == reloaded.config.vocab_size
     assert reloaded.config.vision_config.to_dict() == model.config.vision_config.to_dict()
@@ -172,7 +172,7 @@ def test_loading_a_plain_llama_reports_only_llm_weights_it_lacks(tmp_path, llm_d
     an LLM weight that is really missing is still named."""
     from safetensors.torch import load_file, save_file
 
-    cfg = compose_config([f"model.llm.path={llm_dir}"])
+    cfg = compose_config(["model=tiny", f"model.llm.path={llm_dir}"])
     with caplog.at_level("WARNING"):
         build_all(cfg)
     assert "LOAD REPORT" not in caplog.text and "lacks" not in caplog.text
@@ -187,7 +187,7 @@ def test_loading_a_plain_llama_reports_only_llm_weights_it_lacks(tmp_path, llm_d
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
     caplog.clear()
     with caplog.at_level("WARNING"):
-        build_all(compose_config([f"model.llm.path={broken}"]))
+        build_all(compose_config(["model=tiny", f"model.llm.path={broken}"]))
     assert "model.layers.1.mlp.up_proj.weight" in caplog.text and "lacks 1 weights" in caplog.text
     assert "LOAD REPORT" not in caplog.text
 
@@ -196,8 +196,8 @@ def test_a_saved_llava_dir_without_its_projector_is_reported(tmp_path, tokenizer
     """For a saved LLaVA directory the tower and projector are part of the checkpoint: missing ones are named."""
     from safetensors.torch import load_file, save_file
 
-    overrides = ["~experiment", "model.projector_type=linear"]
-    model, tokenizer, _ = build_all(compose_config([*overrides, f"model.tokenizer_path={tokenizer_dir}"]))
+    overrides = ["model.projector_type=linear"]
+    model, tokenizer, _ = build_all(compose_config(["model=tiny", *overrides, f"model.tokenizer_path={tokenizer_dir}"]))
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     weights = load_file(tmp_path / "model.safetensors")
@@ -205,6 +205,6 @@ def test_a_saved_llava_dir_without_its_projector_is_reported(tmp_path, tokenizer
     assert len(kept) < len(weights)
     save_file(kept, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with caplog.at_level("WARNING"):
-        build_all(compose_config([*overrides, f"model.llm.path={tmp_path}"]))
+        build_all(compose_config(["model=tiny", *overrides, f"model.llm.path={tmp_path}"]))
     assert "lacks 2 weights" in caplog.text and "model.mm_projector.weight" in caplog.text
     assert "LOAD REPORT" not in caplog.text

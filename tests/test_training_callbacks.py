@@ -72,3 +72,25 @@ def test_write_sample_grid_and_curves_directly(tmp_path, bases):
     history = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5, "eval_loss": 1.7, "eval_token_accuracy": 0.4}]
     assert write_curves(tmp_path / "curves.png", history).is_file()
     assert write_curves(tmp_path / "empty.png", []).is_file()
+
+
+def test_visualiser_logs_a_wandb_table_and_images_to_an_offline_run(tmp_path, monkeypatch, bases):
+    """The seed's WandB visualiser, in offline mode: the table's rows and the sample images are in the run's files."""
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    items = load_eval_items(bases.data.eval, bases.data.root)[:3]
+    callback = SampleVisualizerCallback(items, lambda model, samples: ["pred-" + s.id for s in samples], tmp_path)
+    run = wandb.init(mode="offline", dir=str(tmp_path), project="vir-test")
+    try:
+        callback._visualise(object(), step=7, args=SimpleNamespace(should_save=True))
+    finally:
+        wandb.finish()
+    files = next((tmp_path / "wandb").glob(f"offline-run-*-{run.id}")) / "files" / "media"
+    (table_file,) = (files / "table").glob("samples_*.table.json")
+    table = json.loads(table_file.read_text())
+    assert table["columns"] == ["image", "prompt", "prediction", "reference"]
+    assert [row[2] for row in table["data"]] == [f"pred-{item.id}" for item in items]
+    assert [row[3] for row in table["data"]] == [item.reference for item in items]
+    assert len(list((files / "images").glob("sample_images_*.png"))) == sum(bool(i.query.images) for i in items) > 0
+    assert (tmp_path / "samples" / "step-7.png").is_file()

@@ -26,7 +26,7 @@ from transformers import (
 
 from vir.data.collator import DataCollatorForSupervisedDataset
 from vir.data.dataset import LazySupervisedDataset
-from vir.data.synthetic import SyntheticPaths, generate
+from vir.demo.synthetic import SyntheticPaths, generate
 from vir.models.projector import projector_state_dict
 from vir.training import run as run_module
 from vir.training.run import TrainOutcome, run_training
@@ -97,7 +97,7 @@ def run_config(bases: Bases, output_dir: Path, mode: str, *extra: str, with_eval
     """
     data = bases.data
     overrides = [
-        "~experiment",
+        "model=tiny",
         f"training={mode}",
         f"data.train_path={data.train}",
         f"data.image_folder={data.root}",

@@ -30,8 +30,9 @@ class ChatSession:
         self.messages: list[Message] = []
 
     def ask(self, prompt: str) -> str:
-        if not self.messages and self.image is not None and "<image>" not in prompt:
-            prompt = "<image>\n" + prompt
+        image_token = self.run_cfg.model.image_token  # the tag this run was trained with
+        if not self.messages and self.image is not None and image_token not in prompt:
+            prompt = f"{image_token}\n" + prompt
         self.messages.append(Message("user", prompt))
         data = self.run_cfg.data
         answer = generate_answers(self.model, self.tokenizer, self.image_processor,

@@ -1,39 +1,46 @@
-"""`vir-train`: any experiment, any Hydra override.
+"""`vir-train`: one training run of a user's model on a user's data, or any experiment, with Hydra overrides.
 
-    vir-train                                   # the embedded default (experiment=local_debug)
-    vir-train experiment=local_debug training.output_dir=runs/mine
-    vir-train recipe.name=single model=llama3_8b_clip_l336 model.llm.path=... data.train_path=...
-    vir-train --cfg job                         # print the composed config
-    torchrun --standalone --nproc_per_node 2 -m vir.cli.train experiment=local_debug   # data-parallel
+    vir-train model.llm.path=... model.vision_tower.path=... data.train_path=... data.image_folder=...
+    vir-train training=stage1 data.template=plain ...         # LLaVA's stage 1 (projector alignment)
+    vir-train experiment=local_debug                          # the embedded demo (what `make train` runs)
+    vir-train --cfg job                                       # print the composed config
+    torchrun --standalone --nproc_per_node 2 -m vir.cli.train ...   # data-parallel
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import time
+from importlib import import_module
+from importlib.metadata import entry_points
 
 from omegaconf import DictConfig
 
 from vir.inference.evaluate import format_metrics
-from vir.utils.config import cli_entry
+from vir.utils.config import ConfigError, cli_entry
 
-# recipe.name -> module with `run(cfg) -> dict`
-RECIPES = {"single": "vir.recipes.finetune", "synthetic_llava": "vir.recipes.synthetic_llava"}
+RECIPE_ENTRY_POINTS = "vir.recipes"  # recipe.name -> a module with `run(cfg) -> dict` (pyproject.toml)
+
+
+def recipes() -> dict:
+    """`{recipe.name: module path}` of every installed recipe."""
+    return {ep.name: ep.value for ep in entry_points(group=RECIPE_ENTRY_POINTS)}
 
 
 def run(cfg: DictConfig) -> int:
-    if cfg.recipe.name not in RECIPES:
-        raise SystemExit(f"recipe.name={cfg.recipe.name!r} is not one of {', '.join(RECIPES)}")
+    known = recipes()
+    if cfg.recipe.name not in known:
+        raise ConfigError(f"recipe.name={cfg.recipe.name!r} is not one of {', '.join(sorted(known))}")
     start = time.time()
-    result = importlib.import_module(RECIPES[cfg.recipe.name]).run(cfg)
+    result = import_module(known[cfg.recipe.name]).run(cfg)
     if not result:  # a torchrun process other than the main one: the main one reports
         return 0
     print(f"\nrun dir: {cfg.training.output_dir}  ({time.time() - start:.0f} s)")
     if "per_type" in result:
         print(format_metrics(result))
-        blind = result.get("blind_accuracy", float("nan"))
-        print(f"test accuracy: {result['accuracy']:.3f} (blind baseline {blind:.3f})")
+        blind = result.get("blind_accuracy")
+        print(f"test accuracy: {result['accuracy']:.3f}"
+              + (f" (blind baseline {blind:.3f})" if blind is not None else ""))
     else:
         print(json.dumps(result, indent=2))
     return 0

@@ -30,6 +30,7 @@ def run(cfg: DictConfig) -> int:
         image_processor,
         num_image_tokens=model_config.num_image_tokens,
         model_max_length=cfg.model.model_max_length,
+        image_token=cfg.model.image_token,
     )
     summary = validate_dataset(dataset, dump_dir=cfg.validate.dump_dir, max_records=cfg.validate.max_records)
     print(format_summary(summary, split, str(cfg.data.get(f"{split}_path"))))

@@ -18,7 +18,38 @@ from typing import Mapping, Optional, Sequence, Union
 from transformers import PreTrainedTokenizerBase
 
 from vir.data.conversation import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, ROLE_ALIASES, Message, Record
-from vir.models.tokenizer import BEGIN_OF_TEXT, END_HEADER, EOT, START_HEADER
+
+# Llama-3's special tokens, in Llama-3's order (ids 128000.. in Meta's tokenizer).
+BEGIN_OF_TEXT = "<|begin_of_text|>"
+END_OF_TEXT = "<|end_of_text|>"
+START_HEADER = "<|start_header_id|>"
+END_HEADER = "<|end_header_id|>"
+EOT = "<|eot_id|>"
+FINETUNE_PAD = "<|finetune_right_pad_id|>"
+
+LLAMA3_SPECIAL_TOKENS = [
+    BEGIN_OF_TEXT,
+    END_OF_TEXT,
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    FINETUNE_PAD,
+    "<|reserved_special_token_2|>",
+    START_HEADER,
+    END_HEADER,
+    "<|eom_id|>",
+    EOT,
+    "<|python_tag|>",
+]
+
+# The chat template shipped with Meta-Llama-3-*-Instruct.
+LLAMA3_CHAT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    "+ message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
 
 SKIP_IMAGES_DO_NOT_FIT = "images_do_not_fit"
 SKIP_NO_TRAINED_TOKENS = "no_trained_tokens"

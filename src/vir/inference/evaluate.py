@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from vir.data.conversation import normalize_record
+from vir.data.conversation import DEFAULT_IMAGE_TOKEN, normalize_record
 from vir.data.images import black_image, load_image
-from vir.data.synthetic import exact_match
+from vir.data.records import read_raw_records
 from vir.inference.generate import Query, generate_answers
+from vir.inference.scoring import accuracy_by_type, exact_match, overall_accuracy
 
 logger = logging.getLogger(__name__)
 
@@ -41,15 +41,16 @@ class EvalResult:
         return {"accuracy": self.accuracy, "n": self.n, "per_type": self.per_type}
 
 
-def load_eval_items(data_path: str | Path, image_folder: Optional[str | Path] = None) -> List[EvalItem]:
-    """Items from a LLaVA-format file: each record's last assistant turn is the reference, the turns
-    before it the prompt. `answer` / `question_type` record keys are used when present."""
+def load_eval_items(data_path: str | Path, image_folder: Optional[str | Path] = None,
+                    image_token: str = DEFAULT_IMAGE_TOKEN) -> List[EvalItem]:
+    """Items from a LLaVA-format file (JSON list or JSONL, read as training reads it): each record's last
+    assistant turn is the reference, the turns before it the prompt. `answer` / `question_type` record keys are
+    used when present. `image_token` is the run's `model.image_token`."""
     path = Path(data_path)
     folder = Path(image_folder) if image_folder else path.parent
-    raw_records = json.loads(path.read_text(encoding="utf-8"))
     items = []
-    for index, raw in enumerate(raw_records):
-        record = normalize_record(raw, index)
+    for index, raw in enumerate(read_raw_records(path)):
+        record = normalize_record(raw, index, image_token)
         last = max(k for k, m in enumerate(record.messages) if m.role == "assistant")
         images = []
         for image_path in record.images:
@@ -71,16 +72,10 @@ def blank(items: Sequence[EvalItem]) -> List[EvalItem]:
 
 def score(items: Sequence[EvalItem], predictions: Sequence[str]) -> EvalResult:
     """Exact match (normalised) overall and per question type."""
-    hits: Dict[str, List[bool]] = defaultdict(list)
-    rows = []
-    for item, prediction in zip(items, predictions):
-        ok = exact_match(prediction, item.reference)
-        hits[item.question_type].append(ok)
-        rows.append({"id": item.id, "type": item.question_type, "prediction": prediction,
-                     "reference": item.reference, "correct": ok})
-    total = [ok for values in hits.values() for ok in values]
-    per_type = {t: {"accuracy": sum(v) / len(v), "n": len(v)} for t, v in sorted(hits.items())}
-    return EvalResult(sum(total) / max(len(total), 1), len(total), per_type, rows)
+    per_type = accuracy_by_type(predictions, [i.reference for i in items], [i.question_type for i in items])
+    rows = [{"id": item.id, "type": item.question_type, "prediction": prediction, "reference": item.reference,
+             "correct": exact_match(prediction, item.reference)} for item, prediction in zip(items, predictions)]
+    return EvalResult(overall_accuracy(per_type), len(rows), per_type, rows)
 
 
 def evaluate(model, tokenizer, image_processor, items: Sequence[EvalItem], *, template: str = "llama3",
@@ -112,18 +107,19 @@ _TRAINING_KEYS = ("stages", "data_stats")  # what a training run adds to metrics
 
 def evaluate_run(run_dir, split: str = "test", data_path: Optional[str] = None, limit: Optional[int] = None,
                  blind: bool = True, max_new_tokens: int = 16, batch_size: int = 64,
-                 write: bool = True) -> dict:
+                 write: bool = True, training: Optional[dict] = None) -> dict:
     """Load a run directory (`vir.models.checkpoint.load_run`), score `split` of its data (or `data_path`),
     with the blind baseline beside it; unless `write=False`, writes `<run_dir>/<metrics_file(...)>` and
     `predictions_<split>.jsonl`. Rewriting the test split's `metrics.json` keeps what training put there (the
-    stages' losses, the data-pipeline counters); another split never overwrites it."""
+    stages' losses, the data-pipeline counters), or takes them from `training` (keys `stages`, `data_stats`);
+    another split never overwrites it."""
     from vir.models.checkpoint import load_run
 
     model, tokenizer, image_processor, run_cfg = load_run(run_dir)
     path = data_path or run_cfg.data.get(f"{split}_path")
     if not path:
         raise ValueError(f"{run_dir}: its config has no data.{split}_path; pass a data file explicitly")
-    items = load_eval_items(path, run_cfg.data.image_folder)[:limit]
+    items = load_eval_items(path, run_cfg.data.image_folder, run_cfg.model.image_token)[:limit]
     kwargs = dict(template=run_cfg.data.template, image_aspect_ratio=run_cfg.data.image_aspect_ratio,
                   system_prompt=run_cfg.data.system_prompt, max_new_tokens=max_new_tokens, batch_size=batch_size)
     if blind:
@@ -144,7 +140,10 @@ def evaluate_run(run_dir, split: str = "test", data_path: Optional[str] = None, 
             except ValueError:
                 kept = {}
             summary = {**{k: kept[k] for k in _TRAINING_KEYS if k in kept}, **summary}
+        if training and target.name == METRICS_FILE:
+            summary.update({k: training[k] for k in _TRAINING_KEYS if k in training})
         target.write_text(json.dumps(summary, indent=2))
+        return summary
     return {k: v for k, v in metrics.items() if k != "predictions"}
 
 

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from vir.data.conversation import Message
+from vir.data.conversation import DEFAULT_IMAGE_TOKEN, Message
 from vir.data.templates import build_generation_prompt
 from vir.data.images import preprocess_images
 
@@ -22,10 +22,11 @@ class Query:
     images: List[Image.Image] = field(default_factory=list)
 
 
-def question_query(question: str, images: Sequence[Image.Image] = ()) -> Query:
-    """A single-turn query; one `<image>` tag per image is put in front of the question when it has none."""
-    if images and "<image>" not in question:
-        question = "<image>\n" * len(images) + question
+def question_query(question: str, images: Sequence[Image.Image] = (), image_token: str = DEFAULT_IMAGE_TOKEN) -> Query:
+    """A single-turn query; one image tag (`image_token`, the run's `model.image_token`) per image is put in
+    front of the question when it has none."""
+    if images and image_token not in question:
+        question = f"{image_token}\n" * len(images) + question
     return Query([Message("user", question)], list(images))
 
 
@@ -54,8 +55,16 @@ def generate_answers(
     batch_size: int = 16,
     progress: bool = False,
 ) -> List[str]:
-    """Greedy answers (decoded, special tokens stripped) for `queries`, in order."""
+    """Greedy answers (decoded, special tokens stripped) for `queries`, in order.
+
+    `model` is a LLaVA model (its config names the image token, its id and count) or, for text-only queries, any
+    causal LM (`image_processor` may then be None). Prompts are left-padded with the pad token (eos when the
+    tokenizer has none)."""
     config = model.config
+    image_token = getattr(config, "image_token", None) or DEFAULT_IMAGE_TOKEN
+    image_token_id = getattr(config, "image_token_id", None)
+    num_image_tokens = getattr(config, "num_image_tokens", None) or 1
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -64,21 +73,23 @@ def generate_answers(
     for start in tqdm(batches, desc="generating", unit="batch", disable=not progress):
         batch = queries[start : start + batch_size]
         prompts = [
-            build_generation_prompt(q.messages, tokenizer, template, config.image_token_id,
-                                    config.num_image_tokens, system_prompt)
+            build_generation_prompt(q.messages, tokenizer, template, image_token_id, num_image_tokens,
+                                    system_prompt, image_token)
             for q in batch
         ]
-        input_ids, attention_mask = left_pad(prompts, tokenizer.pad_token_id)
+        input_ids, attention_mask = left_pad(prompts, pad_id)
         images = [image for q in batch for image in q.images]
-        pixel_values = preprocess_images(images, image_processor, image_aspect_ratio) if images else None
+        extra = {}
+        if images:
+            extra["pixel_values"] = preprocess_images(images, image_processor, image_aspect_ratio).to(device)
         output = model.generate(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),
-            pixel_values=None if pixel_values is None else pixel_values.to(device),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
+            pad_token_id=pad_id,
+            **extra,
         )
         new_tokens = output[:, input_ids.shape[1] :]
         answers.extend(t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))

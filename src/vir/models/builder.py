@@ -22,7 +22,7 @@ from vir.models.configuration import LlavaLlamaConfig, check_projector_type, che
 from vir.models.encoder import load_vision_config
 from vir.models.llava_arch import LlavaLlamaForCausalLM
 from vir.models.projector import load_projector_state_dict
-from vir.models.tokenizer import FINETUNE_PAD
+from vir.data.templates import FINETUNE_PAD
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +123,7 @@ def build_model_config(
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
+        "image_token": model_cfg.image_token,
         "image_token_id": image_token_id,
         "vision_config": _vision_config(model_cfg.vision_tower, source),
         "mm_vision_tower": model_cfg.vision_tower.path,

@@ -26,7 +26,7 @@ from transformers import AutoTokenizer, CLIPImageProcessorPil, PreTrainedTokeniz
 
 from vir.models.builder import build_model
 from vir.models.llava_arch import LlavaLlamaForCausalLM
-from vir.models.projector import PROJECTOR_FILE, load_projector_state_dict, projector_state_dict
+from vir.models.projector import PROJECTOR_FILE, load_projector_state_dict, save_projector
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +52,7 @@ def write_run_artifacts(
     """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    projector = _projector_from_state_dict(state_dict) if state_dict is not None else None
-    torch.save(projector if projector else projector_state_dict(model), out / PROJECTOR_FILE)
+    save_projector(model, out / PROJECTOR_FILE, state_dict)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base.config.save_pretrained(str(out))
     if image_processor is not None:
@@ -62,15 +61,6 @@ def write_run_artifacts(
         tokenizer.save_pretrained(str(out))
     if run_config is not None:
         OmegaConf.save(run_config, out / RUN_CONFIG_FILE, resolve=True)
-
-
-def _projector_from_state_dict(state_dict: dict) -> dict:
-    marker = "mm_projector."
-    return {
-        "model." + marker + key.rpartition(marker)[2]: tensor.detach().cpu().clone()
-        for key, tensor in state_dict.items()
-        if marker in key
-    }
 
 
 def load_run(

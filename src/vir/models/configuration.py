@@ -76,6 +76,7 @@ class LlavaLlamaConfig(LlamaConfig):
     mm_vision_select_feature: str = "patch"
     image_aspect_ratio: str = "pad"
     tokenizer_model_max_length: int | None = None
+    image_token: str = "<image>"  # the tag in conversations (model.image_token); `image_token_id` is its id
     image_token_id: int | None = None
     num_image_tokens: int | None = None
     mm_use_im_start_end: bool = False

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Dict, Mapping, Union
+from typing import Dict, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -63,15 +63,24 @@ def projector_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     return state
 
 
-def save_projector(model: nn.Module, path: PathLike) -> Path:
+def projector_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The projector entries of a whole model's state dict (any prefix: peft's, DeepSpeed's), under LLaVA's keys."""
+    marker = "mm_projector."
+    return {KEY_PREFIX + key.rpartition(marker)[2]: tensor.detach().cpu().clone()
+            for key, tensor in state_dict.items() if marker in key}
+
+
+def save_projector(model: nn.Module, path: PathLike, state_dict: Optional[Mapping[str, torch.Tensor]] = None) -> Path:
     """Write the projector weights; `path` is a file (.bin or .safetensors) or a directory (gets mm_projector.bin).
 
-    Returns the file written.
+    `state_dict`, when given and holding the projector (a whole model's, e.g. gathered by DeepSpeed), is the
+    source of the weights; otherwise the live `model` is. Returns the file written.
     """
     path = Path(path)
     target = path if path.suffix in (".bin", ".safetensors") else path / PROJECTOR_FILE
     target.parent.mkdir(parents=True, exist_ok=True)
-    state = projector_state_dict(model)
+    state = projector_from_state_dict(state_dict) if state_dict is not None else {}
+    state = state or projector_state_dict(model)
     if target.suffix == ".safetensors":
         from safetensors.torch import save_file
 

@@ -14,6 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
+from vir.inference.scoring import exact_match  # noqa: E402
 from vir.training.distributed import sum_over_processes  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -50,8 +51,6 @@ class SampleVisualizerCallback(TrainerCallback):
 
 def write_sample_grid(path: Path, samples: Sequence, predictions: Sequence[str], title: str = "") -> Path:
     """PNG grid: each cell the sample's first image with prompt, prediction (✓/✗) and reference."""
-    from vir.data.synthetic import exact_match
-
     n = len(samples)
     cols = min(4, n)
     rows = math.ceil(n / cols)
@@ -81,6 +80,9 @@ def _wrap(text: str, width: int = 40) -> str:
 
 
 def _log_wandb_table(samples: Sequence, predictions: Sequence[str], step: int) -> None:
+    """Log the samples to the active wandb run, if any: a `wandb.Table` (image, prompt, prediction, reference)
+    and the images themselves with "pred / ref" captions (an offline run keeps those under files/media/images;
+    the table's cells go through an artifact)."""
     try:
         import wandb
     except ImportError:
@@ -88,10 +90,13 @@ def _log_wandb_table(samples: Sequence, predictions: Sequence[str], step: int) -
     if wandb.run is None:
         return
     table = wandb.Table(columns=["image", "prompt", "prediction", "reference"])
+    images = []
     for sample, prediction in zip(samples, predictions):
         image = wandb.Image(sample.query.images[0]) if sample.query.images else None
         table.add_data(image, sample.query.messages[-1].content, prediction, sample.reference)
-    wandb.log({"samples": table}, step=step)
+        if sample.query.images:
+            images.append(wandb.Image(sample.query.images[0], caption=f"pred: {prediction} / ref: {sample.reference}"))
+    wandb.log({"samples": table, **({"sample_images": images} if images else {})}, step=step)
 
 
 class CurvesCallback(TrainerCallback):

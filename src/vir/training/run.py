@@ -88,7 +88,8 @@ def run_training(cfg: DictConfig, visualizer_samples: Optional[list] = None) -> 
     `visualizer_samples` (`EvalItem`s) enable the sample visualiser (callbacks.SampleVisualizerCallback): greedy
     answers with this run's tokenizer and image processor, `recipe.eval_max_new_tokens` at most.
     """
-    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_MODE", "offline")  # `wandb sync wandb/offline-run-*` uploads a run later
+    os.environ.setdefault("WANDB_PROJECT", "vir")
     set_seed(cfg.seed)
     output_dir = Path(cfg.training.output_dir)
     model, tokenizer, image_processor = build_all(cfg)
@@ -99,7 +100,8 @@ def run_training(cfg: DictConfig, visualizer_samples: Optional[list] = None) -> 
     datasets = {
         split: LazySupervisedDataset.from_config(cfg.data, split, tokenizer, image_processor,
                                                  num_image_tokens=num_image_tokens,
-                                                 model_max_length=cfg.model.model_max_length)
+                                                 model_max_length=cfg.model.model_max_length,
+                                                 image_token=cfg.model.image_token)
         for split in ("train", "eval")
         if getattr(cfg.data, f"{split}_path")
     }

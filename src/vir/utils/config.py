@@ -14,7 +14,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from vir.utils.config_schema import VirConfig, register_configs
+from vir.utils.config_schema import register_configs, schema
 from vir.utils.errors import UserError
 
 CONFIG_MODULE = "vir.conf"
@@ -33,11 +33,24 @@ def check_config(cfg: DictConfig) -> DictConfig:
     try:
         # Re-merge a plain copy: a composed config lets `+key=...` through even onto typed nodes.
         plain = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
-        merged = OmegaConf.merge(OmegaConf.structured(VirConfig), plain)
+        merged = OmegaConf.merge(OmegaConf.structured(schema()), plain)
+        for key in _missing_keys(plain):  # merging drops `???` (it means "keep the target's value"): restore it
+            OmegaConf.update(merged, key, "???", merge=False)
     except OmegaConfBaseException as err:
         raise ConfigError(_describe(err)) from err
     OmegaConf.set_struct(merged, True)
     return merged
+
+
+def _missing_keys(node, prefix: str = ""):
+    """Dotted keys whose value is `???` (mandatory, not yet given) in a plain config tree."""
+    if not isinstance(node, dict):
+        return
+    for key, value in node.items():
+        if value == "???":
+            yield f"{prefix}{key}"
+        else:
+            yield from _missing_keys(value, f"{prefix}{key}.")
 
 
 def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
@@ -74,6 +87,8 @@ def cli_entry(run: Callable[[DictConfig], int]) -> Callable[[], None]:
     @functools.wraps(run)
     def main() -> None:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        # bitsandbytes (imported by peft) warns at import that its optional CPU kernels from a hub are absent.
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
         args = sys.argv[1:]
         print_cfg = False
         if "--cfg" in args:
