@@ -33,7 +33,8 @@ from vir.demo.scene_text import (
 from vir.demo.vision_base import DENSE_HEADS, pretrain_vision_tower
 from vir.demo.bases import base_qa_spec
 from vir.demo.common import PRETRAIN_METRICS_FILE, BaseMismatchError
-from vir.demo.llm_base import LabelledLoss, labelled_tokens_per_document, length_grouped_batches, collate
+from vir.demo.common import pretrain_arguments
+from vir.demo.llm_base import DocumentDataset, LabelledLoss, _BaseTrainer, collate, labelled_tokens_per_document
 from vir.models.builder import clip_image_processor
 from vir.demo.vision_base import dense_labels, render_bank
 from vir.utils.config import compose_config
@@ -320,31 +321,30 @@ def test_labelled_tokens_per_document_counts_what_is_trained(synthetic_tokenizer
     assert labelled_tokens_per_document([answer, caption], tokenizer, cfg) == (one + long) / 2
 
 
-def _lengths(batch):
-    return [len(ids) for ids, _ in batch]
-
-
-def test_length_grouped_batches_cover_each_epoch_and_group_lengths(synthetic_tokenizer_dir):
+def test_llm_trainer_batches_cover_each_epoch_and_group_lengths(synthetic_tokenizer_dir, tmp_path):
+    """The base's Trainer draws every document once per epoch, in batches of similar length when grouped."""
     tokenizer = AutoTokenizer.from_pretrained(str(synthetic_tokenizer_dir))
     documents = [e["messages"] for e in scene_qa_examples(SPEC, 60, seed=0, stream=0)]
     documents += scene_caption_examples(SPEC, 36, seed=0, stream=1, scene_format="description")
-    encoded = [encode_document(d, tokenizer, 512) for d in documents]
+    cfg = dataclasses.replace(LLM_PRETRAIN, batch_size=8)
+    dataset = DocumentDataset(documents, tokenizer, cfg)
+    lengths = [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
 
     def epoch(grouping):
-        cfg = dataclasses.replace(LLM_PRETRAIN, batch_size=8, length_grouping=grouping)
-        batches = length_grouped_batches(documents, tokenizer, cfg, torch.Generator().manual_seed(0))
-        return [next(batches) for _ in range(len(documents) // 8)]
+        args = pretrain_arguments(tmp_path, max_steps=12, batch_size=8, learning_rate=1e-3, weight_decay=0.0,
+                                  warmup_ratio=0.0, seed=0)
+        trainer = _BaseTrainer(model=LabelledLoss(build_llama(LLM, tokenizer)), args=args, train_dataset=dataset,
+                               length_grouping=grouping, tokens_per_batch=1.0)
+        order = list(trainer._get_train_sampler())
+        return [order[k : k + 8] for k in range(0, len(order), 8)]
 
     for grouping in (1, 4):
         batches = epoch(grouping)
-        assert all(len(batch) == 8 for batch in batches)
-        drawn = sorted(example for batch in batches for example in batch)
-        assert drawn == sorted(encoded)  # 96 documents, 12 batches: each exactly once
-    spread = {g: sum(max(_lengths(b)) - min(_lengths(b)) for b in epoch(g)) for g in (1, 4)}
+        assert sorted(i for batch in batches for i in batch) == list(range(len(documents)))  # each exactly once
+    spread = {g: sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in epoch(g)) for g in (1, 4)}
     assert spread[4] < spread[1] / 2  # grouped batches pad far less
-    with pytest.raises(ValueError, match="demo.bases.llm.length_grouping"):
-        next(length_grouped_batches(documents, tokenizer, dataclasses.replace(LLM_PRETRAIN, length_grouping=0),
-                                    torch.Generator()))
+    with pytest.raises(ValueError, match="length_grouping"):
+        epoch(0)
 
 
 def to_messages_dicts(document):

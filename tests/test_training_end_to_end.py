@@ -57,7 +57,13 @@ def test_stage1_then_stage2_lora_learns_and_leaves_a_loadable_run(tmp_path_facto
     assert eval_rows and eval_rows[-1]["eval_loss"] < _losses(stage2)[0]
 
     # The run directory alone is enough to evaluate (as vir-eval does).
-    model, tokenizer, processor, run_cfg = load_run(out)
-    result = evaluate(model, tokenizer, processor, load_eval_items(data.test, data.root), max_new_tokens=4,
-                      progress=False)
-    assert result.n == len(json.loads(data.test.read_text())) and 0.0 <= result.accuracy <= 1.0
+    # The run directory alone is enough to evaluate (as vir-eval does), and merging the adapter changes no answer.
+    items = load_eval_items(data.test, data.root)
+    test_types = {record["question_type"] for record in json.loads(data.test.read_text())}
+    results = []
+    for merge in (False, True):
+        model, tokenizer, processor, _ = load_run(out, merge_adapter=merge)
+        results.append(evaluate(model, tokenizer, processor, items, max_new_tokens=4, progress=False))
+    assert results[0].n == len(items) and set(results[0].per_type) == test_types
+    assert all(row["prediction"] for row in results[0].predictions)  # the model answers, not only eos
+    assert [row["prediction"] for row in results[0].predictions] == [row["prediction"] for row in results[1].predictions]

@@ -95,3 +95,18 @@ def test_stage2_lora_refuses_an_unfrozen_vision_tower(bases, tmp_path):
     model, _, _ = build_all(cfg)
     with pytest.raises(ValueError, match="model.vision_tower.freeze=false"):
         apply_training_mode(model, cfg.training, vision_tower_freeze=False)
+
+
+@pytest.mark.parametrize("mode", ["stage1", "stage2_lora"])
+def test_a_bf16_model_trains_its_projector_in_fp32(bases, tmp_path, mode):
+    """model.llm.dtype=bfloat16 (the 8B recipe): the trained projector holds fp32 weights, so an AdamW step of
+    ~1e-5 is not rounded away; the LLM stays bf16 and the step runs end to end."""
+    model, params = _backward(bases, tmp_path, mode, "model.llm.dtype=bfloat16")
+    projector = {n: p for n, p in params.items() if "mm_projector" in n}
+    assert projector and all(p.dtype == torch.float32 and p.grad is not None for p in projector.values())
+    assert any(p.dtype == torch.bfloat16 for n, p in params.items() if "layers.0.self_attn.q_proj.base_layer" in n
+               or n.endswith("layers.0.self_attn.q_proj.weight"))
+    weight = next(p for n, p in projector.items() if n.endswith("0.weight"))
+    before = weight.detach().clone()
+    torch.optim.AdamW([weight], lr=2e-5).step()
+    assert (weight.detach() != before).float().mean() > 0.9  # nearly every weight moved

@@ -47,8 +47,8 @@ def build_bases(root: PathLike, cfg: Any, tokenizer_dir: Optional[PathLike] = No
     `tokenizer_dir`, else the `tokenizer/` of the data set at `data.image_folder` (generated when missing;
     `generate` returns at once when it is already there).
 
-    Under torchrun every process must call it: the tower is trained by the first process while the others
-    wait, the LLM data-parallel by all of them (the first one writes it).
+    Under torchrun every process must call it: both bases train data-parallel (HF's Trainer), the first process
+    writes them.
     """
     root = Path(root)
     spec = as_spec(cfg.demo.synthetic)
@@ -64,8 +64,7 @@ def build_bases(root: PathLike, cfg: Any, tokenizer_dir: Optional[PathLike] = No
     if bases.source:
         with main_process_first():
             copy_bases(resolve_source(bases.source), root)
-    with main_process_first():  # short: one process on every core
-        pretrain_vision_tower(clip_dir, spec, cfg.model.vision_tower, bases.vision, source=bases.source)
+    pretrain_vision_tower(clip_dir, spec, cfg.model.vision_tower, bases.vision, source=bases.source)
     llm_cfg = bases.llm
     corpus = corpus_texts(spec)
     if llm_cfg.corpus_documents is not None:  # an even subsample, deterministic

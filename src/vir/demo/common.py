@@ -1,4 +1,4 @@
-"""Pieces shared by the base-model recipes: config coercion, run fingerprints, metrics files, the optimiser."""
+"""Pieces shared by the base-model recipes: config coercion, run fingerprints, metrics files, Trainer arguments."""
 
 from __future__ import annotations
 
@@ -6,13 +6,15 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
+import time
 from pathlib import Path
-from typing import Any, Dict, Iterable, Mapping, Optional, Type, TypeVar, Union
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Type, TypeVar, Union
 
 import torch
-from transformers import get_cosine_schedule_with_warmup
+from transformers import TrainerCallback, TrainingArguments
+
+from vir.training.distributed import run_state, sum_over_processes
 
 from vir.utils.errors import UserError
 
@@ -120,15 +122,50 @@ def clear_metrics(out_dir: PathLike) -> None:
     (Path(out_dir) / PRETRAIN_METRICS_FILE).unlink(missing_ok=True)
 
 
-def adamw_cosine(
-    params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float, warmup_ratio: float, steps: int
-):
-    """AdamW with linear warmup then cosine decay to 0 over `steps` (decay only on matrices, not norms/biases)."""
-    params = [p for p in params if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-8)
-    warmup = math.ceil(warmup_ratio * steps)
-    return optimizer, get_cosine_schedule_with_warmup(optimizer, warmup, max(steps, 1))
+def pretrain_arguments(out_dir: PathLike, *, max_steps: int, batch_size: int, learning_rate: float,
+                       weight_decay: float, warmup_ratio: float, seed: int,
+                       every_parameter_trains: bool = False) -> TrainingArguments:
+    """HF `TrainingArguments` for a base recipe: `batch_size` is the global batch (split over the processes of a
+    torchrun run), AdamW (betas 0.9 / 0.98) with linear warm-up then cosine decay to 0, gradients clipped at 1;
+    no checkpoints or reporters (a finished base is written once, with its metrics). `every_parameter_trains`
+    lets DDP skip its search for parameters without a gradient (a CLIP tower's unused pooler needs it)."""
+    world = run_state().num_processes
+    if batch_size % world:
+        raise ValueError(f"batch_size={batch_size} does not split over {world} processes")
+    return TrainingArguments(
+        output_dir=str(out_dir), max_steps=max_steps, per_device_train_batch_size=batch_size // world,
+        learning_rate=learning_rate, weight_decay=weight_decay, warmup_steps=warmup_ratio,
+        lr_scheduler_type="cosine", adam_beta2=0.98, adam_epsilon=1e-8, max_grad_norm=1.0,
+        save_strategy="no", report_to=[], logging_strategy="no", seed=seed, data_seed=seed,
+        dataloader_drop_last=True, remove_unused_columns=False, disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(), average_tokens_across_devices=False,
+        ddp_find_unused_parameters=not every_parameter_trains,
+    )
+
+
+class StepRecords(TrainerCallback):
+    """Every `every` optimizer steps, at the last step, and once `max_seconds` of training have passed (then it
+    stops the run, every process at once), appends `record(step, seconds)` (on the main process only) to
+    `history`. `seconds` counts training steps alone, not the records' own time."""
+
+    def __init__(self, record: Callable[[int, float], Dict[str, Any]], every: int, max_steps: int,
+                 max_seconds: Optional[float] = None):
+        self.record, self.every, self.max_steps, self.max_seconds = record, every, max_steps, max_seconds
+        self.history: list = []
+        self.seconds, self._tick = 0.0, 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._tick = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seconds += time.perf_counter() - self._tick
+        out_of_time = self.max_seconds is not None and self.seconds >= self.max_seconds
+        if self.max_seconds is not None:  # stop together, as soon as one process is out of time
+            out_of_time = bool(sum_over_processes({"out": int(out_of_time)})["out"])
+        step = state.global_step
+        if (step % self.every == 0 or step == self.max_steps or out_of_time) and state.is_world_process_zero:
+            self.history.append(self.record(step, round(self.seconds, 2)))
+        if out_of_time:
+            logger.warning("base pretraining stopped by max_seconds=%s at step %d/%d", self.max_seconds, step,
+                           self.max_steps)
+            control.should_training_stop = True

@@ -22,18 +22,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import CLIPImageProcessorPil, CLIPVisionModel
+from torch.utils.data import Dataset
+from transformers import CLIPImageProcessorPil, CLIPVisionModel, Trainer
 
 from vir.data.images import preprocess_images
 from vir.demo.synthetic import SIZES, as_spec, labelled_scene
 from vir.models.builder import clip_image_processor, vision_config_from_sizes
 from vir.demo.common import (
     PathLike,
-    adamw_cosine,
+    StepRecords,
     as_dataclass,
     clear_metrics,
     finished_metrics,
     fingerprint,
+    pretrain_arguments,
     refuse_mismatch,
     write_metrics,
 )
@@ -150,20 +152,22 @@ def pretrain_vision_tower(
         return done
     if source is not None:
         raise refuse_mismatch("vision tower", out_dir, digest, source)
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    clear_metrics(out_dir)
+    state = run_state()
+    if state.is_main_process:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        clear_metrics(out_dir)
     torch.manual_seed(cfg.seed)
     processor = clip_image_processor(tower.image_size)
-    start = time.perf_counter()
-    train_pixels, train_labels = render_bank(spec, processor, cfg.bank_size, cfg.seed, _TRAIN_STREAM)
-    eval_pixels, eval_labels = render_bank(spec, processor, cfg.eval_size, cfg.seed, _EVAL_STREAM)
+    start = time.perf_counter()  # every process renders the same banks (same seeds)
+    train_bank = render_bank(spec, processor, cfg.bank_size, cfg.seed, _TRAIN_STREAM)
+    eval_bank = render_bank(spec, processor, cfg.eval_size, cfg.seed, _EVAL_STREAM)
     render_seconds = time.perf_counter() - start
-    device = run_state().device  # the accelerator when there is one (the first process trains the tower alone)
-    model = build_clip_vision(tower).to(device)
-    heads = DenseHeads(tower.hidden_size, spec).to(device)
-    # The banks move to the device once, not batch by batch (a no-op on the CPU).
-    banks = [bank.to(device) for bank in (train_pixels, train_labels, eval_pixels, eval_labels)]
-    history = _train(model, heads, banks[:2], banks[2:], tower, cfg)
+    model = build_clip_vision(tower)
+    heads = DenseHeads(tower.hidden_size, spec)
+    history = _train(model, heads, train_bank, eval_bank, tower, cfg, out_dir)
+    if not state.is_main_process:  # the first process writes the tower; the others read its metrics once it has
+        state.wait_for_everyone()
+        return finished_metrics(out_dir, digest, _SAVED_FILES)
     model.save_pretrained(str(out_dir))
     processor.save_pretrained(str(out_dir))
     metrics = {
@@ -179,45 +183,64 @@ def pretrain_vision_tower(
     write_metrics(out_dir, metrics)
     logger.info("vision tower saved to %s after %d steps (%.0fs): %s", out_dir, metrics["steps"],
                 metrics["train_seconds"], metrics["final"])
+    state.wait_for_everyone()
     return metrics
 
 
-def _train(model, heads, train, evaluation, tower: VisionTowerConfig, cfg: VisionPretrainConfig) -> list:
-    pixels, labels = train
-    optimizer, scheduler = adamw_cosine(
-        [*model.parameters(), *heads.parameters()], cfg.learning_rate, cfg.weight_decay, cfg.warmup_ratio,
-        cfg.max_steps,
-    )
-    generator = torch.Generator().manual_seed(cfg.seed)
-    order = torch.randperm(len(pixels), generator=generator)
-    # Step 0 is the random-init reference the trained accuracies are read against.
-    history = [{"step": 0, "seconds": 0.0, "accuracy": dense_accuracy(model, heads, *evaluation, tower.select_layer)}]
-    seconds, cursor = 0.0, 0
-    model.train()
-    for step in range(1, cfg.max_steps + 1):
-        tick = time.perf_counter()
-        if cursor + cfg.batch_size > len(order):
-            order, cursor = torch.randperm(len(pixels), generator=generator), 0
-        batch = order[cursor : cursor + cfg.batch_size]
-        cursor += cfg.batch_size
-        loss = dense_loss(heads(patch_features(model, pixels[batch], tower.select_layer)), labels[batch])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([*model.parameters(), *heads.parameters()], 1.0)
-        optimizer.step()
-        scheduler.step()
-        seconds += time.perf_counter() - tick
-        out_of_time = cfg.max_seconds is not None and seconds >= cfg.max_seconds
-        if step % cfg.eval_every == 0 or step == cfg.max_steps or out_of_time:
-            accuracy = dense_accuracy(model, heads, *evaluation, tower.select_layer)
-            history.append({"step": step, "seconds": round(seconds, 2), "loss": round(loss.item(), 4),
-                            "accuracy": accuracy})
-            logger.info("vision step %d (%.0fs) loss %.3f %s", step, seconds, loss.item(), accuracy)
-        if out_of_time:
-            logger.warning("vision pretraining stopped by demo.bases.vision.max_seconds=%s at step %d/%d",
-                           cfg.max_seconds, step, cfg.max_steps)
-            break
-    return history
+class DenseModel(nn.Module):
+    """The tower and its dense heads as one module for the Trainer: (pixels, labels) -> {"loss": dense_loss}."""
+
+    def __init__(self, tower: CLIPVisionModel, heads: DenseHeads, select_layer: int):
+        super().__init__()
+        self.tower, self.heads, self.select_layer = tower, heads, select_layer
+        self.last_loss: Optional[float] = None
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> Dict[str, torch.Tensor]:
+        loss = dense_loss(self.heads(patch_features(self.tower, pixel_values, self.select_layer)), labels)
+        self.last_loss = loss.item()
+        return {"loss": loss}
+
+
+class BankDataset(Dataset):
+    """A rendered bank (`render_bank`) as a dataset of `{"pixel_values", "labels"}` items."""
+
+    def __init__(self, bank: Tuple[torch.Tensor, torch.Tensor]):
+        self.pixels, self.labels = bank
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
+        return {"pixel_values": self.pixels[index], "labels": self.labels[index]}
+
+
+def _train(model, heads, train, evaluation, tower: VisionTowerConfig, cfg: VisionPretrainConfig,
+           out_dir: PathLike) -> list:
+    """Train tower and heads with HF's Trainer (data-parallel under torchrun: `cfg.batch_size` is the global
+    batch); the main process scores the eval bank at step 0 (the random-init reference) and every
+    `cfg.eval_every` steps."""
+    try:
+        args = pretrain_arguments(out_dir, max_steps=cfg.max_steps, batch_size=cfg.batch_size,
+                                  learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                  warmup_ratio=cfg.warmup_ratio, seed=cfg.seed)
+    except ValueError as err:
+        raise ValueError(f"demo.bases.vision.{err}") from None
+    dense = DenseModel(model, heads, tower.select_layer)
+    trainer = Trainer(model=dense, args=args, train_dataset=BankDataset(train))
+
+    def record(step: int, seconds: float) -> Dict[str, Any]:
+        row = {"step": step, "seconds": seconds, "loss": round(dense.last_loss, 4),
+               "accuracy": dense_accuracy(model, heads, *evaluation, tower.select_layer)}
+        logger.info("vision step %d (%.0fs) %s", step, seconds, row)
+        return row
+
+    records = StepRecords(record, cfg.eval_every, cfg.max_steps, cfg.max_seconds)
+    if args.process_index == 0:
+        records.history.append({"step": 0, "seconds": 0.0,
+                                "accuracy": dense_accuracy(model, heads, *evaluation, tower.select_layer)})
+    trainer.add_callback(records)
+    trainer.train()
+    return records.history
 
 
 # The `demo.synthetic` fields the tower's images and labels depend on (`labelled_scene`): the rest (split

@@ -19,7 +19,7 @@ from transformers import (
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from vir.models.configuration import LlavaLlamaConfig, check_projector_type, check_select_feature
-from vir.models.encoder import load_vision_config
+from vir.models.encoder import load_vision_config, quiet_load_report
 from vir.models.llava_arch import LlavaLlamaForCausalLM
 from vir.models.projector import load_projector_state_dict
 from vir.data.templates import FINETUNE_PAD
@@ -174,24 +174,14 @@ def build_model(
 _MULTIMODAL_PREFIXES = ("model.vision_tower.", "model.mm_projector.")
 
 
-def _drop_load_report(record: logging.LogRecord) -> bool:
-    """Drop transformers' load table unless it explains an error it raises next (size mismatch, conversion)."""
-    message = str(record.msg)
-    return "LOAD REPORT" not in message or "MISMATCH" in message or "CONVERSION" in message
-
-
 def _load_llm(path: Any, config: LlavaLlamaConfig, source_type: str, **kwargs: Any) -> LlavaLlamaForCausalLM:
     """`from_pretrained` without transformers' table of the tower/projector keys a plain Llama directory lacks
     (expected, when `source_type`, the checkpoint's model_type, is "llama"); any other missing key (any at all
     for a saved LLaVA directory) is still reported, by name."""
-    hf_logger = logging.getLogger("transformers.modeling_utils")
-    hf_logger.addFilter(_drop_load_report)
-    try:
+    with quiet_load_report():
         model, info = LlavaLlamaForCausalLM.from_pretrained(
             str(path), config=config, low_cpu_mem_usage=True, output_loading_info=True, **kwargs
         )
-    finally:
-        hf_logger.removeFilter(_drop_load_report)
     expected_absent = _MULTIMODAL_PREFIXES if source_type == "llama" else ()
     missing = sorted(k for k in info["missing_keys"] if not k.startswith(expected_absent))
     if missing:

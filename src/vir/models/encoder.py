@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import Union
+from typing import Iterator, Union
 
 import torch
 from torch import nn
@@ -114,6 +114,26 @@ class CLIPVisionTower(nn.Module):
         return features
 
 
+def _drop_load_report(record: logging.LogRecord) -> bool:
+    """Drop transformers' load table unless it explains an error it raises next (size mismatch, conversion)."""
+    message = str(record.msg)
+    return "LOAD REPORT" not in message or "MISMATCH" in message or "CONVERSION" in message
+
+
+@contextlib.contextmanager
+def quiet_load_report() -> Iterator[None]:
+    """Inside, `from_pretrained` prints no table of keys the checkpoint holds but the model does not use (a full
+    CLIP directory's text tower; a plain Llama directory has no tower or projector): the callers say what
+    matters about a load themselves."""
+    hf_logger = logging.getLogger("transformers.modeling_utils")
+    hf_logger.addFilter(_drop_load_report)
+    try:
+        yield
+    finally:
+        hf_logger.removeFilter(_drop_load_report)
+
+
 def _load_clip_vision(path: PathLike, key: str = "model.vision_tower.path", **kwargs) -> CLIPVisionModel:
     load_vision_config(path, key)  # clear errors for a missing directory or config.json
-    return CLIPVisionModel.from_pretrained(str(path), **kwargs)
+    with quiet_load_report():  # a CLIP directory's text_model.* weights are expected to go unused
+        return CLIPVisionModel.from_pretrained(str(path), **kwargs)

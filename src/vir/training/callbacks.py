@@ -96,7 +96,8 @@ def _log_wandb_table(samples: Sequence, predictions: Sequence[str], step: int) -
         table.add_data(image, sample.query.messages[-1].content, prediction, sample.reference)
         if sample.query.images:
             images.append(wandb.Image(sample.query.images[0], caption=f"pred: {prediction} / ref: {sample.reference}"))
-    wandb.log({"samples": table, **({"sample_images": images} if images else {})}, step=step)
+    # No `step=`: transformers' WandbCallback advances wandb's own step and plots against train/global_step.
+    wandb.log({"samples": table, **({"sample_images": images} if images else {}), "train/global_step": step})
 
 
 class CurvesCallback(TrainerCallback):

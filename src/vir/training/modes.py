@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from typing import List
 
+import torch
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -31,6 +32,16 @@ def lora_target_modules(model: nn.Module) -> List[str]:
         if isinstance(module, nn.Linear) and not any(key in name for key in _EXCLUDED_FROM_LORA):
             names.add(name.rsplit(".", 1)[-1])
     return sorted(names)
+
+
+def keep_fp32(module: nn.Module, name: str) -> None:
+    """Hold a trained module's weights in float32 when the model was loaded in half precision
+    (`model.llm.dtype=bfloat16`): AdamW's steps (~1e-5 of a weight) are below bf16's resolution (~4e-3 of a
+    weight) and would mostly round away. Its output is cast back to the LLM's dtype where it is used."""
+    dtypes = {p.dtype for p in module.parameters()}
+    if dtypes and dtypes != {torch.float32}:
+        logger.info("%s trains in float32 (loaded as %s)", name, ", ".join(sorted(str(d) for d in dtypes)))
+        module.float()
 
 
 def apply_training_mode(model: nn.Module, training_cfg, vision_tower_freeze: bool = True) -> nn.Module:
@@ -64,6 +75,7 @@ def apply_training_mode(model: nn.Module, training_cfg, vision_tower_freeze: boo
         base.requires_grad_(mode == "stage2_full")
     inner = base.get_model()
     inner.mm_projector.requires_grad_(True)
+    keep_fp32(inner.mm_projector, "mm_projector")
     inner.vision_tower.requires_grad_(not vision_tower_freeze)
     if mode == "stage2_full":
         # Tied or not, lm_head trains with the LLM in full fine-tuning.

@@ -73,3 +73,15 @@ class ModalityGroupedSampler(Sampler[int]):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         self.epoch += 1
         return iter(modality_grouped_indices(self.modality_lengths, self.megabatch_size, generator, self.batch_size))
+
+
+def grouped_train_sampler(args, modality_lengths: Sequence[int], length_grouping: int = 1) -> ModalityGroupedSampler:
+    """The sampler a Trainer with `TrainingArguments` `args` uses for grouped batches: megabatches of
+    `length_grouping` optimizer steps over every process, each cut into step batches of similar length when
+    `length_grouping` > 1 (each process then takes a contiguous part of every step batch)."""
+    if length_grouping < 1:
+        raise ValueError(f"length_grouping={length_grouping} must be >= 1")
+    step_batch = args.train_batch_size * args.world_size  # one forward pass over all ranks
+    megabatch = step_batch * args.gradient_accumulation_steps * length_grouping
+    return ModalityGroupedSampler(modality_lengths, megabatch, seed=args.seed,
+                                  batch_size=step_batch if length_grouping > 1 else None)

@@ -13,7 +13,7 @@ from transformers import Trainer
 
 from vir.models.checkpoint import write_run_artifacts
 from vir.models.projector import PROJECTOR_FILE, load_projector_state_dict
-from vir.training.sampler import ModalityGroupedSampler
+from vir.training.sampler import grouped_train_sampler
 
 logger = logging.getLogger(__name__)
 
@@ -96,10 +96,7 @@ class LlavaTrainer(Trainer):
         dataset = self.train_dataset if train_dataset is None else train_dataset
         grouped = self.group_by_modality_length or self.length_grouping > 1
         if grouped and hasattr(dataset, "modality_lengths"):
-            step_batch = self.args.train_batch_size * self.args.world_size  # one forward pass over all ranks
-            megabatch = step_batch * self.args.gradient_accumulation_steps * self.length_grouping
-            return ModalityGroupedSampler(dataset.modality_lengths, megabatch, seed=self.args.seed,
-                                          batch_size=step_batch if self.length_grouping > 1 else None)
+            return grouped_train_sampler(self.args, dataset.modality_lengths, self.length_grouping)
         return super()._get_train_sampler(train_dataset)
 
     def create_optimizer(self, model=None):

@@ -35,6 +35,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import tempfile
 
 import torch
 from transformers import AutoTokenizer
@@ -67,7 +68,7 @@ def main() -> None:
     parser.add_argument("--by-op", action="store_true", help="score held-out questions per program op")
     parser.add_argument("--format", choices=["grid", "description"], default="grid",
                         help="scene rendering of the training and held-out documents (scene_text.SCENE_FORMATS)")
-    parser.add_argument("--device", default="cpu", help="cpu, or cuda for GPU sweeps (same steps, same figures)")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda for GPU sweeps (the Trainer picks the GPU whenever there is one)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides on experiment=local_debug_scratch (model sizes)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -102,7 +103,7 @@ def main() -> None:
     if args.init == "words":
         init_from_words(model, tokenizer, grid_token_words(spec))
     model.to(args.device)
-    history = _train(model, tokenizer, documents, held_out, pretrain)
+    history = _train(model, tokenizer, documents, held_out, pretrain, tempfile.mkdtemp(prefix="probe_text_base_"))
     print(json.dumps(history))
 
 
