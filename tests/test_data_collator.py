@@ -43,3 +43,10 @@ def test_collator_pad_to_multiple_and_text_only_batch():
 def test_collator_needs_a_pad_id():
     with pytest.raises(ValueError, match="prepare_tokenizer"):
         DataCollatorForSupervisedDataset(pad_token_id=None)
+
+
+def test_pad_batch_pads_on_the_left_for_prompts():
+    assert pad_batch([[1, 2, 3], [4]], pad_value=0, side="left").tolist() == [[1, 2, 3], [0, 0, 4]]
+    assert pad_batch([[5], []], pad_value=9, side="left").tolist() == [[5], [9]]
+    with pytest.raises(ValueError, match="side"):
+        pad_batch([[1]], 0, side="middle")

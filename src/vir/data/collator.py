@@ -11,10 +11,13 @@ from vir.data.conversation import IGNORE_INDEX
 
 
 def pad_batch(
-    sequences: Sequence[Union[torch.Tensor, Sequence[int]]], pad_value: int, pad_to_multiple_of: Optional[int] = None
+    sequences: Sequence[Union[torch.Tensor, Sequence[int]]], pad_value: int, pad_to_multiple_of: Optional[int] = None,
+    side: str = "right",
 ) -> torch.Tensor:
-    """Right-pad 1-D sequences into a LongTensor [B, T], T the longest length rounded up to
-    `pad_to_multiple_of` when given."""
+    """Pad 1-D sequences into a LongTensor [B, T], T the longest length rounded up to `pad_to_multiple_of` when
+    given; `side="left"` puts the padding in front (prompts for generation), else after (training batches)."""
+    if side not in ("left", "right"):
+        raise ValueError(f"side={side!r}: want 'left' or 'right'")
     if not sequences:
         raise ValueError("cannot pad an empty batch")
     tensors = [torch.as_tensor(seq, dtype=torch.long) for seq in sequences]
@@ -23,7 +26,10 @@ def pad_batch(
         length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
     batch = torch.full((len(tensors), length), pad_value, dtype=torch.long)
     for row, tensor in enumerate(tensors):
-        batch[row, : tensor.numel()] = tensor
+        if side == "right":
+            batch[row, : tensor.numel()] = tensor
+        elif tensor.numel():
+            batch[row, -tensor.numel() :] = tensor
     return batch
 
 

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from vir.data.collator import pad_batch
 from vir.data.conversation import DEFAULT_IMAGE_TOKEN, Message
 from vir.data.templates import build_generation_prompt
 from vir.data.images import preprocess_images
@@ -32,13 +33,8 @@ def question_query(question: str, images: Sequence[Image.Image] = (), image_toke
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad id lists to `[B, T]` for generation; returns (input_ids, attention_mask)."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-        mask[row, width - len(seq) :] = 1
-    return ids, mask
+    return (pad_batch(sequences, pad_id, side="left"),
+            pad_batch([[1] * len(seq) for seq in sequences], 0, side="left"))
 
 
 @torch.no_grad()

@@ -22,11 +22,16 @@ def check_inputs(cfg: DictConfig) -> None:
             "nothing to train: set data.train_path=YOUR_DATA.json (LLaVA format) and data.image_folder=..., with "
             "model.llm.path=... and model.vision_tower.path=... (local Llama-3 / CLIP directories); "
             "or run the embedded demo with experiment=local_debug")
-    unset = [key for key in _REQUIRED[1:] if OmegaConf.is_missing(OmegaConf.select(cfg, key.rpartition('.')[0]),
-                                                                     key.rpartition('.')[2])]
+    unset = [key for key in _REQUIRED[1:] if _is_missing(cfg, key)]
     if unset:
         raise ConfigError(f"{' and '.join(unset)} must name a local model directory (null builds a random-init "
                           "model from the size fields, as model=tiny does)")
+
+
+def _is_missing(cfg: DictConfig, key: str) -> bool:
+    """Whether dotted `key` is `???` (mandatory and not given) in `cfg`."""
+    parent, _, leaf = key.rpartition(".")
+    return OmegaConf.is_missing(OmegaConf.select(cfg, parent), leaf)
 
 
 def visualizer_samples(cfg: DictConfig, num_samples: int) -> List[EvalItem]:

@@ -34,23 +34,10 @@ def check_config(cfg: DictConfig) -> DictConfig:
         # Re-merge a plain copy: a composed config lets `+key=...` through even onto typed nodes.
         plain = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
         merged = OmegaConf.merge(OmegaConf.structured(schema()), plain)
-        for key in _missing_keys(plain):  # merging drops `???` (it means "keep the target's value"): restore it
-            OmegaConf.update(merged, key, "???", merge=False)
     except OmegaConfBaseException as err:
         raise ConfigError(_describe(err)) from err
     OmegaConf.set_struct(merged, True)
     return merged
-
-
-def _missing_keys(node, prefix: str = ""):
-    """Dotted keys whose value is `???` (mandatory, not yet given) in a plain config tree."""
-    if not isinstance(node, dict):
-        return
-    for key, value in node.items():
-        if value == "???":
-            yield f"{prefix}{key}"
-        else:
-            yield from _missing_keys(value, f"{prefix}{key}.")
 
 
 def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
