@@ -91,7 +91,7 @@ def test_every_readme_command_is_an_installed_console_script():
 
 
 def test_continued_lines_are_joined_into_one_command():
-    stage2 = command_for(COMMANDS, "vir-train", training="stage2_lora")
+    stage2 = command_for(COMMANDS, "vir-train", training="stage2_lora", model="llama3_8b_clip_l336")
     assert "\\" not in stage2.line and "\n" not in stage2.line
     # Its last continuation line is part of the command, not a command of its own.
     assert stage2.overrides().get("training.gradient_checkpointing") == "true"
@@ -134,7 +134,7 @@ def test_every_group_choice_composes_to_its_file_unless_the_command_overrides_it
 
 
 def test_stage1_command_is_llava_stage1(tmp_path):
-    command = command_for(COMMANDS, "vir-train", training="stage1")
+    command = command_for(COMMANDS, "vir-train", training="stage1", model="llama3_8b_clip_l336")
     _, cfg = _compose(command, tmp_path)
     assert cfg.training.mode == "stage1"
     assert cfg.data.template == "plain"
@@ -149,8 +149,8 @@ def test_stage1_command_is_llava_stage1(tmp_path):
 
 
 def test_stage2_command_is_llava_lora_from_the_stage1_projector(tmp_path):
-    stage1 = command_for(COMMANDS, "vir-train", training="stage1")
-    stage2 = command_for(COMMANDS, "vir-train", training="stage2_lora")
+    stage1 = command_for(COMMANDS, "vir-train", training="stage1", model="llama3_8b_clip_l336")
+    stage2 = command_for(COMMANDS, "vir-train", training="stage2_lora", model="llama3_8b_clip_l336")
     _, cfg1 = _compose(stage1, tmp_path)
     _, cfg = _compose(stage2, tmp_path)
     assert cfg.training.mode == "stage2_lora"
@@ -168,7 +168,7 @@ def test_stage2_command_is_llava_lora_from_the_stage1_projector(tmp_path):
 
 def test_validate_command_checks_the_stage2_data_with_the_same_models(tmp_path):
     validate = command_for(COMMANDS, "vir-validate")
-    stage2 = command_for(COMMANDS, "vir-train", training="stage2_lora")
+    stage2 = command_for(COMMANDS, "vir-train", training="stage2_lora", model="llama3_8b_clip_l336")
     _, cfg = _compose(validate, tmp_path)
     _, cfg2 = _compose(stage2, tmp_path)
     for key in ("model.llm.path", "model.vision_tower.path", "data.train_path", "data.image_folder"):

@@ -324,7 +324,7 @@ def _train(model, tokenizer, texts, eval_examples, cfg: LLMPretrainConfig, out_d
 
 def _llm_fields(llm: LLMConfig) -> Dict[str, Any]:
     fields = dataclasses.asdict(llm)
-    for key in ("path", "dtype", "attn_implementation"):
+    for key in ("path", "dtype", "attn_implementation", "quantization", "double_quant"):  # how it loads, not what it is
         fields.pop(key)
     return fields
 

@@ -27,6 +27,7 @@ from transformers import AutoTokenizer, CLIPImageProcessorPil, PreTrainedTokeniz
 from vir.models.builder import build_model
 from vir.models.llava_arch import LlavaLlamaForCausalLM
 from vir.models.projector import PROJECTOR_FILE, load_projector_state_dict, save_projector
+from vir.models.quantization import is_quantized
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +95,8 @@ def load_run(
             model = PeftModel.from_pretrained(model, str(run))
             if merge_adapter:
                 model = model.merge_and_unload()
-    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if not is_quantized(model):  # a quantized model was placed while it loaded and cannot move
+        model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.eval()
     return model, tokenizer, image_processor, run_config
 

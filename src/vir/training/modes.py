@@ -16,6 +16,8 @@ from typing import List
 import torch
 from torch import nn
 
+from vir.models.quantization import is_quantized
+
 logger = logging.getLogger(__name__)
 
 MODES = ("stage1", "stage2_lora", "stage2_full")
@@ -58,6 +60,14 @@ def apply_training_mode(model: nn.Module, training_cfg, vision_tower_freeze: boo
                          "its weights would be in neither the adapter nor mm_projector.bin. Keep the tower frozen "
                          "or use training.mode=stage2_full")
     base = model
+    if is_quantized(base):
+        if mode != "stage2_lora":
+            raise ValueError("model.llm.quantization loads the LLM as frozen 4/8-bit weights: it trains with "
+                             f"training.mode=stage2_lora (QLoRA), not training.mode={mode}")
+        from peft import prepare_model_for_kbit_training
+
+        # Norms and embeddings to fp32, inputs that carry gradients; checkpointing is the Trainer's to switch on.
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     if mode == "stage2_lora":
         from peft import LoraConfig, get_peft_model
 

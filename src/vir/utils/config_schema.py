@@ -31,6 +31,10 @@ class LLMConfig:
     rope_theta: float = 500000.0
     dtype: str = "float32"  # float32 | bfloat16 | float16
     attn_implementation: str = "sdpa"
+    # QLoRA: load the LLM's linear layers in 4-bit nf4 (or 8-bit) with bitsandbytes; the vision tower, the
+    # projector and lm_head stay in full precision. Needs `path` and training.mode=stage2_lora.
+    quantization: str = "none"  # none | nf4 | int8
+    double_quant: bool = True  # nf4: quantize the quantization constants too (~0.4 bit a weight less)
 
 
 @dataclass
