@@ -208,3 +208,23 @@ def test_a_saved_llava_dir_without_its_projector_is_reported(tmp_path, tokenizer
         build_all(compose_config(["model=tiny", *overrides, f"model.llm.path={tmp_path}"]))
     assert "lacks 2 weights" in caplog.text and "model.mm_projector.weight" in caplog.text
     assert "LOAD REPORT" not in caplog.text
+
+
+def test_the_8b_model_group_builds_the_real_shape_without_weights(tokenizer_dir):
+    """model=llama3_8b_clip_l336 with null paths: Llama-3-8B's and CLIP-L/336's shapes, on the meta device."""
+    from vir.models.builder import build_model_config
+
+    cfg = compose_config(["model=llama3_8b_clip_l336", "model.llm.path=null", "model.vision_tower.path=null",
+                          f"model.tokenizer_path={tokenizer_dir}"])
+    tokenizer = build_tokenizer(cfg.model)
+    config = build_model_config(cfg.model, tokenizer)
+    assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers) == (4096, 14336, 32)
+    assert (config.num_attention_heads, config.num_key_value_heads) == (32, 8)
+    assert config.num_image_tokens == 576 and config.mm_hidden_size == 1024
+    with torch.device("meta"):
+        model = LlavaLlamaForCausalLM(config)
+    layers = sum(p.numel() for n, p in model.named_parameters() if n.startswith("model.layers."))
+    tower = sum(p.numel() for n, p in model.named_parameters() if n.startswith("model.vision_tower."))
+    # q, o: 4096 x 4096; k, v: 4096 x 1024 (8 KV heads); gate, up, down: 4096 x 14336; two RMSNorms
+    assert layers == 32 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336 + 2 * 4096)  # 6.98e9
+    assert 0.30e9 < tower < 0.31e9  # CLIP ViT-L/14-336's vision tower

@@ -18,7 +18,10 @@ from vir.data.conversation import IGNORE_INDEX
 from vir.data.dataset import LazySupervisedDataset
 from vir.inference.generate import answer_predictor
 from vir.models.builder import build_all
+from vir.training.batching import batch_layout
 from vir.training.callbacks import CurvesCallback, DataStatsCallback, SampleVisualizerCallback
+from vir.training.deepspeed_config import deepspeed_arguments
+from vir.training.distributed import run_state
 from vir.training.modes import apply_training_mode
 from vir.training.trainer import LlavaTrainer
 
@@ -38,13 +41,14 @@ def training_arguments(cfg: DictConfig, has_eval: bool) -> TrainingArguments:
     """HF TrainingArguments from the `training` section (extra_args passed through verbatim)."""
     t = cfg.training
     eval_steps = t.eval_steps if has_eval else None
+    micro_batch, accumulation = batch_layout(t, run_state().num_processes)
     kwargs = dict(
         output_dir=t.output_dir,
         num_train_epochs=t.num_train_epochs,
         max_steps=t.max_steps,
-        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_train_batch_size=micro_batch,
         per_device_eval_batch_size=t.per_device_eval_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        gradient_accumulation_steps=accumulation,
         learning_rate=t.learning_rate,
         weight_decay=t.weight_decay,
         warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
@@ -65,6 +69,7 @@ def training_arguments(cfg: DictConfig, has_eval: bool) -> TrainingArguments:
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=False,
     )
+    kwargs.update(deepspeed_arguments(t.deepspeed))
     kwargs.update(OmegaConf.to_container(t.extra_args, resolve=True))
     return TrainingArguments(**kwargs)
 

@@ -90,6 +90,10 @@ class TrainingConfig:
     mode: str = "stage2_lora"  # stage1 | stage2_lora | stage2_full
     num_train_epochs: float = 1.0
     max_steps: int = -1
+    # Set the global batch once (LLaVA's 256 for stage 1, 128 for stage 2) and per-device micro-batch and
+    # gradient accumulation follow from the number of processes; `per_device_train_batch_size` is then the
+    # largest micro-batch a device may take. Null: the two keys below are used as given.
+    global_batch_size: Optional[int] = None
     per_device_train_batch_size: int = 8
     per_device_eval_batch_size: int = 8
     gradient_accumulation_steps: int = 1
@@ -109,6 +113,9 @@ class TrainingConfig:
     # on one process; HF's group_by_length uses 50).
     length_grouping: int = 1
     gradient_checkpointing: bool = False
+    # DeepSpeed ZeRO: zero2 | zero3 | zero3_offload (shipped in vir/conf/deepspeed/) or a JSON file; null = plain
+    # DDP. Run under torchrun / accelerate launch / deepspeed with one process per device.
+    deepspeed: Optional[str] = None
     bf16: bool = False
     fp16: bool = False
     lora_r: int = 64

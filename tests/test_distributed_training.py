@@ -1,0 +1,77 @@
+"""Data-parallel training of the library's stage on 2 CPU processes (torchrun, gloo): plain DDP, DeepSpeed ZeRO-2
+and ZeRO-3 end with the same weights on both ranks and the same losses and weights as one process with the same
+global batch (`training.global_batch_size`), and the run's `mm_projector.bin` is the full projector."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from training_fixtures import tiny_bases
+
+pytestmark = pytest.mark.slow
+pytest.importorskip("deepspeed")
+
+DRIVER = Path(__file__).with_name("distributed_driver.py")
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """{name: (losses, {rank: trained parameters}, run dir)} for one process and three 2-process runs."""
+    bases = tiny_bases(tmp_path_factory)
+    root = tmp_path_factory.mktemp("distributed")
+    common = [
+        "model=tiny", "training=stage2_lora", f"data.train_path={bases.data.train}",
+        f"data.image_folder={bases.data.root}", f"model.llm.path={bases.llm}", f"model.vision_tower.path={bases.clip}",
+        f"training.max_steps={STEPS}", f"training.save_steps={STEPS}", "training.global_batch_size=8",
+        "training.per_device_train_batch_size=8", "training.logging_steps=1", "training.report_to=[]",
+        "training.learning_rate=1e-3", "training.lora_r=8", "training.lora_alpha=16", "training.lora_dropout=0.0",
+        "training.warmup_ratio=0.0", "training.mm_projector_lr=null",
+    ]
+    variants = {"one": (1, []), "ddp": (2, []), "zero2": (2, ["training.deepspeed=zero2"]),
+                "zero3": (2, ["training.deepspeed=zero3"])}
+    results = {}
+    for name, (procs, extra) in variants.items():
+        out = root / name
+        command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", f"--nproc_per_node={procs}",
+                   str(DRIVER), str(out), *common, f"training.output_dir={out / 'run'}", *extra]
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, f"{name}: {proc.stderr[-3000:]}"
+        history = json.loads((out / "run" / "trainer_state.json").read_text())["log_history"]
+        losses = [row["loss"] for row in history if "loss" in row]
+        weights = {rank: torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in range(procs)}
+        results[name] = (losses, weights, out / "run")
+    return results
+
+
+def _max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys() and a
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+@pytest.mark.parametrize("name", ["ddp", "zero2", "zero3"])
+def test_two_processes_train_what_one_process_does(runs, name):
+    losses, weights, _ = runs[name]
+    one_losses, one_weights, _ = runs["one"]
+    assert len(losses) == STEPS
+    assert losses == pytest.approx(one_losses, rel=1e-5)
+    if name != "zero3":  # ZeRO-3 partitions parameters: each rank holds only its shard
+        assert _max_difference(weights[0], weights[1]) == 0.0
+        assert _max_difference(weights[0], one_weights[0]) < 1e-6
+
+
+@pytest.mark.parametrize("name", ["ddp", "zero2", "zero3"])
+def test_the_saved_projector_is_whole_and_matches_one_process(runs, name):
+    run = runs[name][2]
+    one = torch.load(runs["one"][2] / "mm_projector.bin", weights_only=True)
+    for directory in (run, run / f"checkpoint-{STEPS}"):
+        saved = torch.load(directory / "mm_projector.bin", weights_only=True)
+        assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in one.items()}
+        assert max(float((saved[k] - one[k]).abs().max()) for k in one) < 1e-6
