@@ -136,6 +136,19 @@ class ValidateConfig:
 
 
 @dataclass
+class PlanConfig:
+    """`vir-plan` options: the device to fit and the run's scale."""
+
+    gpu_gb: float = 24.0  # memory of one device, GiB
+    world_size: int = 1  # training processes (GPUs) the run will use
+    vocab_size: Optional[int] = None  # without model.llm.path; null: Llama-3's 128256
+    # Tokens per sample to plan for; null: model.model_max_length (the longest a sample can be). LLaVA's stage-1
+    # captions are ~650 tokens with their image, its stage-2 conversations ~1000 on average.
+    sequence_length: Optional[int] = None
+    output: str = "table"  # table | json
+
+
+@dataclass
 class RecipeConfig:
     """What `vir-train` runs: `name` is a recipe registered under the `vir.recipes` entry-point group.
 
@@ -156,6 +169,7 @@ class VirConfig:
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
     seed: int = 42
     experiment_name: str = "default"

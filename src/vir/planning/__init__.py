@@ -1,0 +1,1 @@
+"""Estimates made from a config alone, before anything loads: GPU memory per device (`memory.plan_memory`)."""

@@ -1,0 +1,174 @@
+"""Peak GPU memory per device for a training config, from shapes alone (`vir-plan`).
+
+The model is built on the meta device from the config's shapes (no weights, no tokenizer), and each
+parameter is assigned the bytes the training path gives it:
+- The LLM is in `model.llm.dtype`. Under QLoRA its decoder linears take 4 or 8 bits plus quantization
+  constants; `prepare_model_for_kbit_training` casts every other weight to fp32.
+- LoRA adapters and a trained projector are fp32.
+- Gradients have the dtype of the parameter they belong to.
+- AdamW keeps two states in the parameter's dtype. Under DeepSpeed a half-precision parameter also gets an
+  fp32 master copy.
+- ZeRO stages 1-3 divide optimizer states, gradients and weights over the processes; offload moves them off
+  the GPU.
+Activations are what one micro-batch keeps for the backward pass. Logits are the LM head's output and its
+fp32 loss copies.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, Optional
+
+import torch
+
+from vir.models.configuration import LlavaLlamaConfig
+from vir.models.llava_arch import LlavaLlamaForCausalLM
+from vir.training.batching import batch_layout
+from vir.training.deepspeed_config import resolve_deepspeed
+from vir.training.modes import lora_target_modules
+
+GB = 1024**3
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+LLAMA3_VOCAB = 128256
+# Bytes per quantized weight, quantization constants included (blocks of 64: an fp32 absmax each, or with double
+# quantization an 8-bit absmax each plus an fp32 constant per 256 blocks).
+_QUANT_BYTES = {("nf4", False): 0.5 + 4 / 64, ("nf4", True): 0.5 + 1 / 64 + 4 / (64 * 256), ("int8", False): 1 + 4 / 4096,
+                ("int8", True): 1 + 4 / 4096}
+
+
+@dataclass
+class MemoryPlan:
+    """Estimated peak GPU memory of one training process, in GiB, and its parts."""
+
+    weights_gb: float
+    grads_gb: float
+    optimizer_gb: float
+    activations_gb: float
+    logits_gb: float
+    peak_gb: float
+    gpu_gb: float
+    fits: bool
+    trainable_parameters: int
+    total_parameters: int
+    micro_batch: int
+    sequence_length: int
+    world_size: int
+    zero_stage: int
+
+    def to_json(self) -> str:
+        return json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(self).items()}, indent=2)
+
+    def table(self) -> str:
+        rows = [("weights", self.weights_gb), ("gradients", self.grads_gb), ("optimizer", self.optimizer_gb),
+                ("activations", self.activations_gb), ("logits", self.logits_gb), ("peak", self.peak_gb)]
+        lines = [f"{name:<12}{value:>9.2f} GiB" for name, value in rows]
+        verdict = "fits" if self.fits else "does NOT fit"
+        lines.append(f"{verdict} in {self.gpu_gb:g} GiB per device (micro-batch {self.micro_batch} x "
+                     f"{self.sequence_length} tokens, {self.world_size} process(es), ZeRO-{self.zero_stage}; "
+                     f"{self.trainable_parameters / 1e6:.1f}M of {self.total_parameters / 1e9:.2f}B parameters train)")
+        return "\n".join(lines)
+
+
+def planning_config(model_cfg: Any, vocab_size: Optional[int] = None) -> LlavaLlamaConfig:
+    """A LlavaLlamaConfig with the shapes a run of `model.*` trains: read from `model.llm.path` /
+    `model.vision_tower.path` when set (the vocabulary then as the run grows it for its tokenizer), else the size
+    fields (`vocab_size`, default Llama-3's 128256)."""
+    from vir.models import builder
+
+    source = builder._read_llm_config(model_cfg.llm.path) if model_cfg.llm.path else None
+    if source is not None:
+        text = builder._text_fields(source)
+        text["vocab_size"] = max(source.vocab_size, len(builder.build_tokenizer(model_cfg)))
+    else:
+        text = {**builder.llm_fields_from_sizes(model_cfg.llm), "vocab_size": vocab_size or LLAMA3_VOCAB}
+    return LlavaLlamaConfig(image_token_id=text["vocab_size"] - 1,
+                            vision_config=builder._vision_config(model_cfg.vision_tower, source),
+                            mm_projector_type=model_cfg.projector_type,
+                            mm_vision_select_layer=model_cfg.vision_tower.select_layer,
+                            mm_vision_select_feature=model_cfg.vision_tower.select_feature, **text)
+
+
+def zero_settings(training_cfg: Any) -> Dict[str, Any]:
+    """{"stage": 0-3, "offload_optimizer": bool, "offload_param": bool} from `training.deepspeed`."""
+    path = resolve_deepspeed(training_cfg.deepspeed)
+    if path is None:
+        return {"stage": 0, "offload_optimizer": False, "offload_param": False}
+    zero = json.loads(open(path).read()).get("zero_optimization", {})
+    offload = lambda key: zero.get(key, {}).get("device", "none") not in ("none", None)  # noqa: E731
+    return {"stage": int(zero.get("stage", 0)), "offload_optimizer": offload("offload_optimizer"),
+            "offload_param": offload("offload_param")}
+
+
+def plan_memory(cfg: Any, vocab_size: Optional[int] = None, world_size: Optional[int] = None,
+                gpu_gb: Optional[float] = None) -> MemoryPlan:
+    """The memory plan of `cfg` (a composed config) per training process."""
+    plan_cfg = cfg.plan
+    world = world_size or plan_cfg.world_size
+    training, llm = cfg.training, cfg.model.llm
+    config = planning_config(cfg.model, vocab_size or plan_cfg.vocab_size)
+    vocab = config.vocab_size
+    with torch.device("meta"):
+        model = LlavaLlamaForCausalLM(config)
+    half = _DTYPE_BYTES[llm.dtype]
+    quantized = llm.quantization != "none"
+    lora = training.mode == "stage2_lora"
+    targets = set(lora_target_modules(model)) if lora else set()
+    weights = grads = optimizer = 0.0
+    trainable = total = 0
+    zero = zero_settings(training)
+    master = 4 if zero["stage"] else 0  # DeepSpeed keeps an fp32 master copy of a half-precision parameter
+    for name, module in model.named_modules():
+        for pname, param in module.named_parameters(recurse=False):
+            full = f"{name}.{pname}" if name else pname
+            n = param.numel()
+            total += n
+            is_llm_linear = full.startswith("model.layers.") and isinstance(module, torch.nn.Linear)
+            projector = full.startswith("model.mm_projector.")
+            tower = full.startswith("model.vision_tower.")
+            trains = (projector or (training.mode == "stage2_full" and not tower)
+                      or (tower and not cfg.model.vision_tower.freeze))
+            if quantized and is_llm_linear:
+                weights += n * _QUANT_BYTES[(llm.quantization, bool(llm.double_quant))]
+            elif quantized or projector:  # kbit preparation casts the rest to fp32; a trained projector is fp32
+                weights += n * 4
+            else:
+                weights += n * half
+            if is_llm_linear and name.rsplit(".", 1)[-1] in targets:
+                adapter = training.lora_r * (module.in_features + module.out_features)
+                weights += adapter * 4
+                grads += adapter * 4
+                optimizer += adapter * 8
+                trainable += adapter
+            if trains:
+                dtype_bytes = 4 if (projector or quantized) else half
+                trainable += n
+                grads += n * dtype_bytes
+                optimizer += n * (8 if dtype_bytes == 4 else 2 * half + master)
+    if zero["stage"] >= 1:
+        optimizer = 0.0 if zero["offload_optimizer"] else optimizer / world
+    if zero["stage"] >= 2:
+        grads /= world
+    if zero["stage"] >= 3:
+        weights = 0.0 if zero["offload_param"] else weights / world
+    micro, _ = batch_layout(training, world)
+    seq = plan_cfg.sequence_length or cfg.model.model_max_length
+    activations, logits = _activation_bytes(model.config, micro * seq, half, training.gradient_checkpointing), \
+        micro * seq * vocab * (half + 8)
+    parts = [x / GB for x in (weights, grads, optimizer, activations, logits)]
+    peak = sum(parts)
+    budget = gpu_gb or plan_cfg.gpu_gb
+    return MemoryPlan(*parts, peak, budget, peak <= budget, int(trainable), int(total), micro, seq, world, zero["stage"])
+
+
+def _activation_bytes(config: LlavaLlamaConfig, tokens: int, dtype_bytes: int, checkpointing: bool) -> float:
+    """Tensors one decoder layer keeps per token for backward (SDPA/flash attention: no seq x seq scores):
+    the norms' outputs and the residual (4 h), q / k / v / attention output (2 h + 2 h_kv), the MLP's gate / up /
+    activation / product (4 i). With checkpointing, each layer keeps its input only and one layer is recomputed."""
+    h, i = config.hidden_size, config.intermediate_size
+    h_kv = h * config.num_key_value_heads // config.num_attention_heads
+    per_layer = tokens * dtype_bytes * (6 * h + 2 * h_kv + 4 * i)
+    layers = config.num_hidden_layers
+    if checkpointing:
+        return layers * tokens * dtype_bytes * h + per_layer
+    return layers * per_layer
