@@ -14,7 +14,7 @@ TRAIN_ARGS ?=  # Hydra overrides, e.g. make train TRAIN_ARGS="training.max_steps
 EXPERIMENT ?= local_debug
 TRAIN_THREADS ?= $(shell n=$$(( $$(nproc) / $(TRAIN_PROCS) )); [ $$n -ge 1 ] && echo $$n || echo 1)
 
-.PHONY: install train test bench clean
+.PHONY: install train test bench gpu-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,13 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
+
+# QLoRA and bf16 LoRA steps of a random-init Llama-3-8B + CLIP-L/336 on one GPU: peak memory, tokens/s, MFU,
+# vir-plan's estimate. The venv here holds a CPU torch: on a GPU machine point GPU_PYTHON at a Python with a
+# CUDA torch, bitsandbytes and this package installed. GPU_CHECK_ARGS=--tiny runs tiny shapes on the CPU.
+GPU_PYTHON ?= $(PY)
+gpu-check: $(STAMP)
+	$(GPU_PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,149 @@
+"""`make gpu-check`: does LLaVA-1.5 on Llama-3-8B fit one GPU, and how fast does it train? No downloaded weights.
+
+A random-init Llama-3-8B-shaped LLM (vocabulary 128256) is written once as a local checkpoint, then loaded the
+way a user's run loads Meta-Llama-3-8B-Instruct: in 4-bit nf4 for QLoRA, in bf16 for LoRA. A random-init
+CLIP-ViT-L/14-336-shaped tower gives 576 image tokens. Each variant trains a few optimizer steps on one
+2048-token sample holding an image (micro-batch 1, gradient checkpointing, LoRA r 64, projector trained).
+For each variant it prints and writes to JSON the peak GPU memory allocated, tokens per second, MFU and
+`vir-plan`'s estimate for the same config.
+
+    python benchmarks/gpu_check.py                 # on a GPU (QLoRA needs bitsandbytes)
+    python benchmarks/gpu_check.py --tiny          # the same code on tiny shapes on the CPU (a smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from vir.demo.tokenizer import train_llama3_style_tokenizer
+from vir.models.builder import build_all
+from vir.planning.memory import GB, plan_memory
+from vir.training.modes import apply_training_mode
+from vir.utils.config import compose_config
+
+H200_BF16_FLOPS = 989e12  # dense bf16 peak of one H200 (H100 SXM: the same)
+SHAPES = {
+    "full": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1024, max_position_embeddings=4096),
+}
+TINY_TOWER = ["model.vision_tower.hidden_size=32", "model.vision_tower.intermediate_size=64",
+              "model.vision_tower.num_hidden_layers=2", "model.vision_tower.num_attention_heads=2",
+              "model.vision_tower.image_size=56", "model.vision_tower.patch_size=14"]
+
+
+def write_random_llm(directory: Path, shapes: dict, device: str) -> None:
+    """A random-init Llama (bf16) and a Llama-3-style tokenizer saved where `model.llm.path` will point."""
+    tokenizer = train_llama3_style_tokenizer(["a photo of a cat on a mat", "what is in the image?"] * 50, directory,
+                                             vocab_size=300)
+    config = LlamaConfig(**shapes, rope_theta=500000.0, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, dtype="bfloat16")
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(str(directory))
+    del model
+
+
+def run_variant(name: str, overrides: list, steps: int, seq: int, device: str) -> dict:
+    cfg = compose_config(overrides)
+    plan = plan_memory(cfg)
+    if device == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    model, tokenizer, _ = build_all(cfg)
+    model = apply_training_mode(model, cfg.training, vision_tower_freeze=True)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model.to(device) if not getattr(model.get_base_model(), "is_quantized", False) else None
+    config = model.get_base_model().config
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5)
+    image_tokens = config.num_image_tokens
+    text = torch.randint(10, len(tokenizer) - 10, (seq - image_tokens - 1,))
+    ids = torch.cat([torch.tensor([tokenizer.bos_token_id]), torch.full((image_tokens,), config.image_token_id), text])
+    labels = ids.clone()
+    labels[: 1 + image_tokens] = -100
+    size = config.vision_config.image_size
+    batch = {"input_ids": ids[None].to(device), "labels": labels[None].to(device),
+             "attention_mask": torch.ones(1, seq, dtype=torch.long, device=device),
+             "pixel_values": torch.randn(1, 3, size, size, device=device)}
+    model.train()
+    times = []
+    for step in range(steps + 1):  # the first step warms up (allocator, kernels)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        tick = time.perf_counter()
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if step:
+            times.append(time.perf_counter() - tick)
+    seconds = sum(times) / len(times)
+    active = sum(p.numel() for n, p in model.named_parameters() if "vision_tower" not in n)
+    # forward + backward through every weight (input gradients) + the checkpointed forward again: ~8 N flops a token
+    flops = 8 * active * seq / seconds
+    peak = torch.cuda.max_memory_allocated() / GB if device == "cuda" else None
+    result = {"variant": name, "peak_gb": None if peak is None else round(peak, 2),
+              "planned_peak_gb": round(plan.peak_gb, 2),
+              "plan_error": None if peak is None else round((plan.peak_gb - peak) / peak, 3),
+              "tokens_per_s": round(seq / seconds, 1), "seconds_per_step": round(seconds, 3),
+              "mfu": round(flops / H200_BF16_FLOPS, 3) if device == "cuda" else None, "loss": round(loss.item(), 3),
+              "trainable_parameters": sum(p.numel() for p in trainable), "plan": json.loads(plan.to_json())}
+    print(json.dumps({k: v for k, v in result.items() if k != "plan"}))
+    del model, optimizer, batch
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU: check the script itself")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--out", default="benchmarks/results/gpu_check.json")
+    parser.add_argument("--variants", default="lora_bf16,qlora")
+    args = parser.parse_args()
+    if not args.tiny and not torch.cuda.is_available():
+        parser.error("no GPU here: an 8B model on the CPU would take hours. Run on a GPU, or --tiny for a smoke test")
+    device = "cpu" if args.tiny else "cuda"
+    shapes = SHAPES["tiny" if args.tiny else "full"]
+    seq = 256 if args.tiny else 2048
+    work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
+    start = time.perf_counter()
+    write_random_llm(work / "llm", shapes, device)
+    common = ["model.llm.path=" + str(work / "llm"), "model.vision_tower.path=null", "training.deepspeed=null",
+              "training.global_batch_size=null", "training.per_device_train_batch_size=1", "training.lora_r=64",
+              "training.lora_alpha=128", "training.gradient_checkpointing=true", f"model.model_max_length={seq}",
+              f"plan.gpu_gb={torch.cuda.get_device_properties(0).total_memory / GB if device == 'cuda' else 24}"]
+    if args.tiny:
+        common += TINY_TOWER
+    variants = {"qlora": ["experiment=llava15_qlora", "model.llm.quantization=nf4"],
+                "lora_bf16": ["experiment=llava15_stage2_lora", "model.llm.dtype=bfloat16"]}
+    results = {"device": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
+               "torch": torch.__version__, "sequence_length": seq, "setup_seconds": round(time.perf_counter() - start, 1),
+               "runs": []}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    for name in args.variants.split(","):
+        try:
+            results["runs"].append(run_variant(name, variants[name] + common, args.steps, seq, device))
+        except ImportError as err:  # bitsandbytes missing on this machine
+            results["runs"].append({"variant": name, "skipped": str(err)})
+            print(f"{name}: skipped ({err})")
+        Path(args.out).write_text(json.dumps(results, indent=2))  # after each variant: a cut run keeps the rest
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
