@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-CONSOLE_SCRIPTS = ("vir-train", "vir-validate", "vir-eval", "vir-chat")
-HYDRA_PROGRAMS = ("vir-train", "vir-validate")  # Hydra overrides; the others take argparse flags
+CONSOLE_SCRIPTS = ("vir-train", "vir-validate", "vir-eval", "vir-chat", "vir-plan")
+HYDRA_PROGRAMS = ("vir-train", "vir-validate", "vir-plan")  # Hydra overrides; the others take argparse flags
 
 _FENCE = re.compile(r"^```[ \t]*bash[ \t]*\n(.*?)^```", re.MULTILINE | re.DOTALL)
 _INLINE = re.compile(r"`(vir-[a-z]+(?: [^`]*)?)`")
@@ -68,8 +68,9 @@ def readme_commands(path: Path = README) -> List[Command]:
     commands = []
     for block in bash_blocks(path.read_text(encoding="utf-8")):
         for line in joined_lines(block):
-            if line.startswith("vir-"):
-                commands.append(Command(line, tuple(shlex.split(line, comments=True))))
+            if line.startswith("vir-"):  # a bare `...` stands for "your other overrides": not an argument
+                argv = tuple(arg for arg in shlex.split(line, comments=True) if arg != "...")
+                commands.append(Command(line, argv))
     return commands
 
 

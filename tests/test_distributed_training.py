@@ -29,13 +29,16 @@ def runs(tmp_path_factory):
     common = [
         "model=tiny", "training=stage2_lora", f"data.train_path={bases.data.train}",
         f"data.image_folder={bases.data.root}", f"model.llm.path={bases.llm}", f"model.vision_tower.path={bases.clip}",
-        f"training.max_steps={STEPS}", f"training.save_steps={STEPS}", "training.global_batch_size=8",
+        f"training.max_steps={STEPS}", "training.save_steps=1", "training.global_batch_size=8",
         "training.per_device_train_batch_size=8", "training.logging_steps=1", "training.report_to=[]",
         "training.learning_rate=1e-3", "training.lora_r=8", "training.lora_alpha=16", "training.lora_dropout=0.0",
         "training.warmup_ratio=0.0", "training.mm_projector_lr=null",
     ]
     variants = {"one": (1, []), "ddp": (2, []), "zero2": (2, ["training.deepspeed=zero2"]),
-                "zero3": (2, ["training.deepspeed=zero3"])}
+                "zero3": (2, ["training.deepspeed=zero3"]),
+                # ZeRO-3 again, resumed from the ZeRO-3 run's checkpoint of step STEPS - 1
+                "zero3_resumed": (2, ["training.deepspeed=zero3",
+                                      f"training.resume_from_checkpoint={root / 'zero3' / 'run' / f'checkpoint-{STEPS - 1}'}"])}
     results = {}
     for name, (procs, extra) in variants.items():
         out = root / name
@@ -65,6 +68,20 @@ def test_two_processes_train_what_one_process_does(runs, name):
     if name != "zero3":  # ZeRO-3 partitions parameters: each rank holds only its shard
         assert _max_difference(weights[0], weights[1]) == 0.0
         assert _max_difference(weights[0], one_weights[0]) < 1e-6
+
+
+def test_a_zero3_run_resumes_from_its_checkpoint_to_the_same_end(runs):
+    """Resumed at step STEPS - 1, the ZeRO-3 run trains the last step to the uninterrupted run's loss and weights."""
+    from safetensors.torch import load_file
+
+    losses, _, resumed = runs["zero3_resumed"]
+    full_losses, _, full = runs["zero3"]
+    # The resumed state carries the first steps' records; the last step is the one trained after resuming.
+    assert losses == pytest.approx(full_losses, rel=1e-5)
+    for name in ("mm_projector.bin", "adapter_model.safetensors"):
+        load = (lambda p: torch.load(p, weights_only=True)) if name.endswith(".bin") else load_file
+        a, b = load(resumed / name), load(full / name)
+        assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6, name
 
 
 @pytest.mark.parametrize("name", ["ddp", "zero2", "zero3"])
