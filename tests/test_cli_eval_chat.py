@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -52,7 +53,8 @@ def test_vir_eval_on_a_missing_run_exits_with_a_message(tmp_path, capsys):
 
 
 def test_vir_chat_one_shot_and_interactive(run_dir, capsys, monkeypatch):
-    image = next((run_dir.parent.glob("**/images/*.png")), None) or next(run_dir.glob("../**/*.png"))
+    # An eval image of the run's own data (a glob over the temp root could pick another test's broken file).
+    image = sorted((Path(OmegaConf.load(run_dir / "vir_config.yaml").data.image_folder) / "images").glob("eval_*.png"))[0]
     chat.main([str(run_dir), "--image", str(image), "--prompt", "How many red objects are there?",
                "--max-new-tokens", "3"])
     one_shot = capsys.readouterr().out.strip()

@@ -226,7 +226,7 @@ def test_the_console_script_parses_the_command(command, monkeypatch, tmp_path, c
                 return "an answer"
 
         monkeypatch.setattr(chat, "load_run", lambda run_dir: seen.update(run_dir=run_dir) or (None,) * 4)
-        monkeypatch.setattr(chat, "open_image", lambda path: f"image:{path}")
+        monkeypatch.setattr(chat, "open_user_image", lambda path: f"image:{path}")
         monkeypatch.setattr(chat, "ChatSession", FakeSession)
         chat.main(args)
         assert seen["run_dir"] == args[0] and seen["image"] == f"image:{args[args.index('--image') + 1]}"

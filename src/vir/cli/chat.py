@@ -11,9 +11,10 @@ from pathlib import Path
 from PIL import Image
 
 from vir.data.conversation import Message
-from vir.data.images import to_rgb
+from vir.data.images import open_user_image
 from vir.inference.generate import Query, generate_answers
 from vir.models.checkpoint import load_run
+from vir.utils.errors import UserError
 
 
 class ChatSession:
@@ -43,14 +44,6 @@ class ChatSession:
         return answer
 
 
-def open_image(path: str) -> Image.Image:
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"image not found: {path}")
-    with Image.open(path) as img:
-        img.load()
-        return to_rgb(img)
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="vir-chat", description=__doc__)
     parser.add_argument("run_dir")
@@ -62,8 +55,8 @@ def main(argv=None) -> None:
     try:
         model, tokenizer, image_processor, run_cfg = load_run(args.run_dir)
         session = ChatSession(model, tokenizer, image_processor, run_cfg, args.max_new_tokens)
-        session.reset(open_image(args.image) if args.image else None)
-    except (FileNotFoundError, ValueError) as err:
+        session.reset(open_user_image(args.image) if args.image else None)
+    except (FileNotFoundError, ValueError, UserError) as err:
         print(f"vir-chat: {err}", file=sys.stderr)
         sys.exit(2)
     if args.prompt is not None:
@@ -83,8 +76,8 @@ def main(argv=None) -> None:
             session.reset(session.image)
         elif line.startswith("/image "):
             try:
-                session.reset(open_image(line.split(" ", 1)[1].strip()))
-            except (FileNotFoundError, OSError) as err:
+                session.reset(open_user_image(line.split(" ", 1)[1].strip()))
+            except UserError as err:  # a bad image costs a message, never the session
                 print(f"error: {err}")
         else:
             print(f"assistant> {session.ask(line)}", flush=True)

@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 from vir.data.conversation import DEFAULT_IMAGE_TOKEN, InvalidRecordError, Record, normalize_record
 from vir.data.counters import SharedCounters
 from vir.data.images import IMAGE_ASPECT_RATIOS, IMAGE_OK, black_image, load_image, preprocess_images
-from vir.data.records import RecordStore, read_raw_records
+from vir.data.records import DataFileError, RecordStore, read_raw_records
 from vir.data.templates import TruncationResult, build_example, get_template, truncate_example
 
 logger = logging.getLogger(__name__)
@@ -212,6 +212,29 @@ class LazySupervisedDataset(Dataset):
                 return sample
         raise RuntimeError(f"{self.data_path}: no record can be trained at model_max_length="
                            f"{self.model_max_length} (all skipped; see dataset.stats())")
+
+    def skip_reason(self, i: int) -> Optional[str]:
+        """Why sample `i` cannot be trained at `model_max_length` (tokenized only, no image opened), else None."""
+        return self._tokenize(self.record(i))[2].skip_reason
+
+    def check_trainable(self, key: str, scan: int = 1000) -> None:
+        """Raise `DataFileError` (naming `key`, the data file's config key) when nothing here can train: no valid
+        record, or none of the first `scan` records fits `model_max_length`. Called before any model loads."""
+        if len(self) == 0:
+            reasons = "; ".join(f"{rid}: {why}" for rid, why in self.invalid_records[:3])
+            raise DataFileError(
+                f"{key}={self.data_path}: nothing to train on ({self.num_records_total} records, "
+                f"{len(self.invalid_records)} invalid{': ' + reasons if reasons else ''}); `vir-validate` lists them")
+        skipped = []
+        for i in range(min(len(self), scan)):
+            reason = self.skip_reason(i)
+            if reason is None:
+                return
+            skipped.append((self.record_id(i), reason))
+        shown = "; ".join(f"{rid}: {why}" for rid, why in skipped[:3])
+        raise DataFileError(f"{key}={self.data_path}: none of the first {len(skipped)} records can be trained at "
+                            f"model.model_max_length={self.model_max_length} ({shown}); raise the limit or check "
+                            "the records with `vir-validate`")
 
     def _build_sample(self, i: int) -> Optional[dict[str, torch.Tensor]]:
         record = self.record(i)

@@ -8,12 +8,15 @@ path elsewhere or a symlink escaping it; such a file is never opened). Every PIL
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
+
+from vir.utils.errors import UserError
 
 IMAGE_ASPECT_RATIOS = ("pad", "crop")
 
@@ -52,11 +55,41 @@ def load_image(path: str, image_folder: Union[str, Path]) -> tuple[Optional[Imag
     # a broken file must cost one black image, never the run.
     try:
         with Image.open(target) as img:
-            img.load()  # force the full decode now, so a truncated file fails here
-            return to_rgb(img), IMAGE_OK
+            return decoded_rgb(img), IMAGE_OK
     except Exception as err:  # noqa: BLE001 - see above
         logger.debug("cannot decode %s: %r", target, err)
         return None, IMAGE_CORRUPT
+
+
+def decoded_rgb(img: Image.Image) -> Image.Image:
+    """`img` fully decoded (a truncated file fails here, not in a worker later), turned upright by its EXIF
+    orientation (phone photos are stored sideways with a rotate tag), as RGB."""
+    img.load()
+    return to_rgb(ImageOps.exif_transpose(img))
+
+
+class ImageFileError(UserError):
+    """An image a user named directly (not a data record's) cannot be used; the message says why."""
+
+
+def open_user_image(path: Union[str, Path]) -> Image.Image:
+    """An image given on a command line (`vir-chat --image`) as upright RGB, or `ImageFileError` naming the path
+    and the reason: missing, not an image, truncated or corrupt, or over PIL's decompression-bomb limit."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageFileError(f"image not found: {path}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                return decoded_rgb(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ImageFileError(f"{path}: image too large ({err}); the limit is Image.MAX_IMAGE_PIXELS="
+                             f"{Image.MAX_IMAGE_PIXELS} pixels") from None
+    except Image.UnidentifiedImageError:
+        raise ImageFileError(f"{path}: not an image file PIL can read") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ImageFileError(f"{path}: the image is truncated or corrupt ({err})") from None
 
 
 def to_rgb(img: Image.Image, background_rgb: tuple[int, int, int] = ALPHA_BACKGROUND) -> Image.Image:

@@ -24,6 +24,7 @@ from vir.models.llava_arch import LlavaLlamaForCausalLM
 from vir.models.projector import load_projector_state_dict
 from vir.models.quantization import ensure_initialised, load_device_map, quantization_config
 from vir.data.templates import FINETUNE_PAD
+from vir.utils.config import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -73,9 +74,8 @@ def build_tokenizer(model_cfg: Any) -> PreTrainedTokenizerBase:
     elif model_cfg.llm.path:
         key, path = "model.llm.path", model_cfg.llm.path
     else:
-        raise ValueError(
-            "no tokenizer configured: set model.tokenizer_path (or model.llm.path) to a local HF tokenizer directory"
-        )
+        raise ConfigError("no tokenizer configured: set model.tokenizer_path (or model.llm.path) to a local HF "
+                          "tokenizer directory")
     _require_dir(path, key)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     return prepare_tokenizer(tokenizer, model_cfg.image_token, model_cfg.pad_token, model_cfg.model_max_length)
@@ -202,16 +202,23 @@ def _load_llm(path: Any, config: LlavaLlamaConfig, source_type: str, **kwargs: A
     return model
 
 
-def build_all(cfg: Any) -> Tuple[LlavaLlamaForCausalLM, PreTrainedTokenizerBase, CLIPImageProcessorPil]:
-    """(model, tokenizer, image_processor) for a composed config (`cfg.model`, `cfg.data.image_aspect_ratio`)."""
+def build_inputs(cfg: Any) -> Tuple[PreTrainedTokenizerBase, CLIPImageProcessorPil, LlavaLlamaConfig]:
+    """(tokenizer, image_processor, model config) for a composed config, without loading any weights: what the
+    data pipeline needs, so data errors surface before a model is loaded."""
     tokenizer = build_tokenizer(cfg.model)
-    model = build_model(cfg.model, tokenizer, image_aspect_ratio=cfg.data.image_aspect_ratio)
+    config = build_model_config(cfg.model, tokenizer, cfg.data.image_aspect_ratio)
     image_processor = build_image_processor(cfg.model)
-    crop, tower_size = image_processor.crop_size, model.config.vision_config.image_size
+    crop, tower_size = image_processor.crop_size, config.vision_config.image_size
     if (crop["height"], crop["width"]) != (tower_size, tower_size):
         raise ValueError(f"the image processor crops to {crop['height']}x{crop['width']} but the vision tower "
                          f"expects {tower_size}x{tower_size} (model.vision_tower.image_size / .path)")
-    return model, tokenizer, image_processor
+    return tokenizer, image_processor, config
+
+
+def build_all(cfg: Any) -> Tuple[LlavaLlamaForCausalLM, PreTrainedTokenizerBase, CLIPImageProcessorPil]:
+    """(model, tokenizer, image_processor) for a composed config (`cfg.model`, `cfg.data.image_aspect_ratio`)."""
+    tokenizer, image_processor, _ = build_inputs(cfg)
+    return build_model(cfg.model, tokenizer, image_aspect_ratio=cfg.data.image_aspect_ratio), tokenizer, image_processor
 
 
 def resize_token_embeddings_mean_init(model: LlavaLlamaForCausalLM, num_tokens: int) -> None:

@@ -17,7 +17,7 @@ from vir.data.collator import DataCollatorForSupervisedDataset
 from vir.data.conversation import IGNORE_INDEX
 from vir.data.dataset import LazySupervisedDataset
 from vir.inference.generate import answer_predictor
-from vir.models.builder import build_all
+from vir.models.builder import build_inputs, build_model
 from vir.training.batching import batch_layout
 from vir.training.callbacks import CurvesCallback, DataStatsCallback, SampleVisualizerCallback
 from vir.training.deepspeed_config import deepspeed_arguments
@@ -97,14 +97,10 @@ def run_training(cfg: DictConfig, visualizer_samples: Optional[list] = None) -> 
     os.environ.setdefault("WANDB_PROJECT", "vir")
     set_seed(cfg.seed)
     output_dir = Path(cfg.training.output_dir)
-    model, tokenizer, image_processor = build_all(cfg)
-    model = apply_training_mode(model, cfg.training, vision_tower_freeze=cfg.model.vision_tower.freeze)
-    if cfg.training.gradient_checkpointing:
-        model.enable_input_require_grads()
-    num_image_tokens = model.config.num_image_tokens
+    tokenizer, image_processor, model_config = build_inputs(cfg)
     datasets = {
         split: LazySupervisedDataset.from_config(cfg.data, split, tokenizer, image_processor,
-                                                 num_image_tokens=num_image_tokens,
+                                                 num_image_tokens=model_config.num_image_tokens,
                                                  model_max_length=cfg.model.model_max_length,
                                                  image_token=cfg.model.image_token)
         for split in ("train", "eval")
@@ -112,6 +108,11 @@ def run_training(cfg: DictConfig, visualizer_samples: Optional[list] = None) -> 
     }
     if "train" not in datasets:
         raise ValueError("data.train_path is not set: nothing to train on")
+    datasets["train"].check_trainable("data.train_path")  # before any weights load, and before any artifact
+    model = build_model(cfg.model, tokenizer, image_aspect_ratio=cfg.data.image_aspect_ratio)
+    model = apply_training_mode(model, cfg.training, vision_tower_freeze=cfg.model.vision_tower.freeze)
+    if cfg.training.gradient_checkpointing:
+        model.enable_input_require_grads()
     stats_callback = DataStatsCallback(datasets["train"], output_dir)
     callbacks = [stats_callback, CurvesCallback(output_dir)]
     if visualizer_samples:

@@ -1,0 +1,56 @@
+"""Images in the user's hands: EXIF-rotated photos train and chat upright; `vir-chat --image` turns a missing,
+non-image, truncated or oversized file into one clear line."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image
+
+from vir.data.images import ImageFileError, load_image, open_user_image
+
+
+def _rotated_jpeg(path):
+    """A 40x20 photo stored as 20x40 pixels with EXIF orientation 6 (rotate 90 degrees clockwise to view):
+    the left half red, the right half blue once upright."""
+    upright = Image.new("RGB", (40, 20), (255, 0, 0))
+    upright.paste((0, 0, 255), (20, 0, 40, 20))
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # what the camera wrote
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(path, exif=exif, quality=95)
+
+
+def test_exif_orientation_is_applied_when_training_and_chatting(tmp_path):
+    _rotated_jpeg(tmp_path / "phone.jpg")
+    for image in (load_image("phone.jpg", tmp_path)[0], open_user_image(tmp_path / "phone.jpg")):
+        assert image.size == (40, 20)
+        left, right = image.getpixel((5, 10)), image.getpixel((35, 10))
+        assert left[0] > 200 and left[2] < 60 and right[2] > 200 and right[0] < 60
+
+
+def test_a_bad_image_on_the_command_line_is_one_clear_error(tmp_path, monkeypatch):
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(tmp_path / "ok.png")
+    data = (tmp_path / "ok.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    (tmp_path / "text.png").write_text("not an image")
+    cases = {"missing.png": "image not found", "text.png": "not an image file", "cut.png": "truncated or corrupt"}
+    for name, message in cases.items():
+        with pytest.raises(ImageFileError, match=message):
+            open_user_image(tmp_path / name)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 = 4096 pixels: over the limit
+    with pytest.raises(ImageFileError, match="too large.*MAX_IMAGE_PIXELS=1000"):
+        open_user_image(tmp_path / "ok.png")
+
+
+def test_vir_chat_reports_a_corrupt_image_without_a_traceback(tmp_path, capsys, monkeypatch):
+    from vir.cli import chat
+
+    (tmp_path / "text.png").write_text("not an image")
+    monkeypatch.setattr(chat, "load_run", lambda run_dir: (None, None, None, None))
+    with pytest.raises(SystemExit) as exit_info:
+        chat.main([str(tmp_path), "--image", str(tmp_path / "text.png"), "--prompt", "What?"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vir-chat: ") and "not an image file" in err and "Traceback" not in err
