@@ -133,3 +133,19 @@ def test_the_readmes_qlora_command_trains_on_the_demos_outputs(bases, tmp_path):
     saved = OmegaConf.load(run / "vir_config.yaml")
     assert saved.model.llm.quantization == "nf4" and saved.training.max_steps == 5
     assert json.loads((run / "trainer_state.json").read_text())["global_step"] == 5
+
+
+def test_ensure_initialised_gives_an_empty_or_broken_projector_real_values():
+    from vir.models.quantization import ensure_initialised
+
+    projector = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 16)).to(torch.bfloat16)
+    with torch.no_grad():
+        projector[0].weight.zero_()
+        projector[2].weight.fill_(float("nan"))
+    ensure_initialised(projector, "mm_projector")
+    for layer in (projector[0], projector[2]):
+        assert layer.weight.dtype == torch.bfloat16 and torch.isfinite(layer.weight).all() and layer.weight.any()
+    healthy = torch.nn.Linear(4, 4)
+    before = healthy.weight.detach().clone()
+    ensure_initialised(healthy, "fine")
+    assert torch.equal(healthy.weight, before)  # a usable layer is left alone

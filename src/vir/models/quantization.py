@@ -65,11 +65,9 @@ def ensure_initialised(module: nn.Module, name: str) -> None:
             continue
         weight = child.weight
         if weight.is_meta or not torch.isfinite(weight).all() or not weight.any():
-            device, dtype = weight.device, weight.dtype
-            with torch.no_grad():
-                cpu = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
-                child.weight = nn.Parameter(cpu.weight.to(device=device if not weight.is_meta else "cpu",
-                                                           dtype=dtype))
-                if child.bias is not None:
-                    child.bias = nn.Parameter(cpu.bias.to(device=child.weight.device, dtype=dtype))
+            device = "cpu" if weight.is_meta else weight.device
+            fresh = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)  # on the CPU
+            child.weight = nn.Parameter(fresh.weight.to(device=device, dtype=weight.dtype))
+            if child.bias is not None:
+                child.bias = nn.Parameter(fresh.bias.to(device=device, dtype=weight.dtype))
             logger.warning("%s.%s had no usable weights after loading; initialised on the CPU", name, child_name)
