@@ -61,3 +61,23 @@ def test_vir_train_says_it_in_one_line_with_exit_status_2(bases, tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("vir-train") or "Traceback" in line]
     assert len(errors) == 1 and "nothing to train on" in errors[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_data_stats_name_every_excluded_record(bases, tmp_path):
+    records = [_record(0), {"id": "no_turns", "conversations": []},
+               {"id": "gpt_first", "conversations": [{"from": "gpt", "value": "x"}, {"from": "human", "value": "y"}]}]
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps(records))
+    cfg = run_config(bases, tmp_path / "run", "stage2_lora", f"data.train_path={data}",
+                     f"data.image_folder={bases.data.root}", "training.max_steps=1", "training.per_device_train_batch_size=1")
+    outcome = run_training(cfg)
+    stats = json.loads((tmp_path / "run" / "data_stats.json").read_text())
+    assert stats == outcome.data_stats and stats["records"] == 3
+    assert [row["id"] for row in stats["invalid_records"]] == ["no_turns", "gpt_first"]
+    assert "the first non-system turn (turn 0) is assistant" in stats["invalid_records"][1]["reason"]
+
+
+def test_a_directory_as_the_data_file_says_so(bases, tmp_path):
+    cfg = run_config(bases, tmp_path / "run", "stage2_lora", f"data.train_path={tmp_path}")
+    with pytest.raises(DataFileError, match=r"data.train_path=.* is a directory"):
+        run_training(cfg)

@@ -118,8 +118,10 @@ def _check_turn_order(messages: list[Message], invalid) -> None:
         if message.role == "system":
             raise invalid("a system turn may only come first")
         if message.role != expected:
-            where = "first non-system turn" if k == 0 else "roles do not alternate user/assistant:"
-            raise invalid(f"{where} turn {k + len(messages) - len(body)} is {message.role}, expected {expected}")
+            index = k + len(messages) - len(body)
+            if k == 0:
+                raise invalid(f"the first non-system turn (turn {index}) is {message.role}, expected {expected}")
+            raise invalid(f"roles do not alternate user/assistant: turn {index} is {message.role}, expected {expected}")
     if len(body) < 2:
         raise invalid("no assistant turn")
 

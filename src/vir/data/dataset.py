@@ -120,6 +120,8 @@ class LazySupervisedDataset(Dataset):
         path = getattr(data_cfg, key)
         if not path:
             raise ValueError(f"data.{key} is not set: pass data.{key}=/path/to/records.json")
+        if Path(path).is_dir():
+            raise DataFileError(f"data.{key}={path} is a directory: name the JSON or JSONL file of records in it")
         if not Path(path).is_file():
             raise FileNotFoundError(f"data.{key}: no such file: {path}")
         return cls(

@@ -147,12 +147,16 @@ class DataStatsCallback(TrainerCallback):
         self.totals: dict[str, int] = {}  # the counters summed over processes, once training has ended
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.totals = stats = sum_over_processes(self.dataset.stats())  # each process loads its share
+        stats = sum_over_processes(self.dataset.stats())  # each process loads its share
         fallback = stats.get("images_missing", 0) + stats.get("images_corrupt", 0)
         message = ", ".join(f"{k}={v}" for k, v in stats.items())
         (logger.warning if fallback or stats.get("images_refused") or stats.get("skipped") else logger.info)(
             "data pipeline counters: %s", message)
+        # Every record the file holds but training excluded, by id and reason (the warning names only a few).
+        excluded = [{"id": rid, "reason": why} for rid, why in getattr(self.dataset, "invalid_records", [])]
+        self.totals = {**stats, "records": getattr(self.dataset, "num_records_total", len(self.dataset)),
+                       "invalid_records": excluded}
         if args.should_save:
-            print(f"data pipeline: {message}")
+            print(f"data pipeline: {message}" + (f"; {len(excluded)} invalid records excluded" if excluded else ""))
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "data_stats.json").write_text(json.dumps(stats, indent=2))
+            (self.output_dir / "data_stats.json").write_text(json.dumps(self.totals, indent=2))
