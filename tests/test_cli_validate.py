@@ -85,3 +85,19 @@ def test_dumped_labels_match_a_recheck_with_the_dumped_tokenizer(fixture_data, t
     row = json.loads((tmp_path / "dump" / "samples.jsonl").read_text().splitlines()[2])  # text-only
     trained = [i for i, label in zip(row["input_ids"], row["labels"]) if label != -100]
     assert tok.decode(trained) == "Hello.<|eot_id|>"
+
+
+def test_records_without_an_id_and_shared_ids_are_reported_and_counted(tmp_path, tokenizer_dir, capsys):
+    from vir.data.dataset import LazySupervisedDataset  # noqa: F401 - the class vir-validate and vir-train read with
+
+    conversation = [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]
+    records = [{"id": "1", "conversations": conversation}, {"conversations": conversation},
+               {"id": None, "conversations": conversation}, {"id": "dup", "conversations": conversation},
+               {"id": "dup", "conversations": conversation}, {"id": "dup", "conversations": conversation}]
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(records))
+    assert run(_cfg(tmp_path, path, tokenizer_dir)) == 0
+    out = capsys.readouterr().out
+    assert "records without an id: 2" in out and "duplicate ids: 1 (dup x3)" in out
+    rows = [json.loads(line) for line in (tmp_path / "dump" / "samples.jsonl").read_text().splitlines()]
+    assert [row["id"] for row in rows][:3] == ["1", "#1", "#2"]  # positions, never another record's id

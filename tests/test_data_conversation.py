@@ -46,10 +46,10 @@ def test_llava_record_is_normalised():
     assert record == Record("7", ("a.png",), (Message("user", "<image>\nDescribe."), Message("assistant", "A square.")))
 
 
-def test_chat_messages_and_missing_id_fall_back_to_index():
+def test_chat_messages_and_missing_id_fall_back_to_the_marked_position():
     raw = {"messages": [SYSTEM, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
     record = normalize_record(raw, 12)
-    assert record.id == "12" and record.images == ()
+    assert record.id == "#12" and record.images == ()  # never "12", which a real record may be called
     assert [m.role for m in record.messages] == ["system", "user", "assistant"]
 
 

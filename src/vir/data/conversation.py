@@ -55,8 +55,12 @@ class InvalidRecordError(UserError):
         return f"record {self.record_id!r}: {self.reason}"
 
 
+MISSING_ID_PREFIX = "#"  # `#12`: the 13th record of its file, which had no id
+
+
 def normalize_record(raw: Any, index: int, image_token: str = DEFAULT_IMAGE_TOKEN) -> Record:
-    """Validate one raw record and return it as a `Record`; `index` is its id when it has none.
+    """Validate one raw record and return it as a `Record`; a record without an id (missing or null) is called
+    `#<index>`, its position in the file, which no real id written as a number can collide with.
 
     Raises `InvalidRecordError(record_id, reason)` for: a non-object, no/empty conversation, an unknown role,
     non-string content, an empty turn, a system turn not first, a first non-system turn not from the user,
@@ -65,7 +69,7 @@ def normalize_record(raw: Any, index: int, image_token: str = DEFAULT_IMAGE_TOKE
     """
     if not isinstance(raw, Mapping):
         raise InvalidRecordError(str(index), f"expected a JSON object, got {type(raw).__name__}")
-    record_id = str(raw["id"]) if raw.get("id") is not None else str(index)
+    record_id = str(raw["id"]) if raw.get("id") is not None else f"{MISSING_ID_PREFIX}{index}"
 
     def invalid(reason: str) -> InvalidRecordError:
         return InvalidRecordError(record_id, reason)

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from vir.data.conversation import DEFAULT_IMAGE_TOKEN, InvalidRecordError, Record, normalize_record
+from vir.data.conversation import DEFAULT_IMAGE_TOKEN, MISSING_ID_PREFIX, InvalidRecordError, Record, normalize_record
 from vir.data.counters import SharedCounters
 from vir.data.images import IMAGE_ASPECT_RATIOS, IMAGE_OK, black_image, load_image, preprocess_images
 from vir.data.records import DataFileError, RecordStore, read_raw_records
@@ -145,6 +145,9 @@ class LazySupervisedDataset(Dataset):
         num_images: list[int] = []
         self.invalid_records: list[tuple[str, str]] = []
         self.num_records_total = 0
+        self.records_without_id = 0
+        seen: set = set()  # dropped after indexing: workers never hold it
+        duplicates: dict = {}
         for index, raw in enumerate(read_raw_records(self.data_path)):
             self.num_records_total += 1
             try:
@@ -152,9 +155,19 @@ class LazySupervisedDataset(Dataset):
             except InvalidRecordError as err:
                 self.invalid_records.append((err.record_id, err.reason))
                 continue
+            if record.id.startswith(MISSING_ID_PREFIX):
+                self.records_without_id += 1
+            elif record.id in seen:
+                duplicates[record.id] = duplicates.get(record.id, 1) + 1
+            seen.add(record.id)
             chunks.append(RecordStore.encode(record))
             lengths.append(self._estimate_length(record))
             num_images.append(record.num_images)
+        self.duplicate_ids = dict(sorted(duplicates.items()))  # {id: how many records share it}
+        if self.duplicate_ids or self.records_without_id:
+            logger.warning("%s: %d records have no id (named #<position>), %d ids are shared by several records%s",
+                           self.data_path, self.records_without_id, len(self.duplicate_ids),
+                           f" (e.g. {', '.join(list(self.duplicate_ids)[:5])})" if self.duplicate_ids else "")
         self._store = RecordStore(chunks)
         self._num_images = np.array(num_images, dtype=np.int32)
         self._lengths = np.array(lengths, dtype=np.int64)

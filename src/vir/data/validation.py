@@ -24,6 +24,8 @@ class ValidationSummary:
     records: int = 0
     valid: int = 0
     invalid: List[Tuple[str, str]] = field(default_factory=list)
+    records_without_id: int = 0
+    duplicate_ids: Dict[str, int] = field(default_factory=dict)  # {id: records sharing it}
     images_ok: int = 0
     images_missing: int = 0
     images_corrupt: int = 0
@@ -53,6 +55,8 @@ class ValidationSummary:
             "records": self.records,
             "valid": self.valid,
             "invalid": [{"id": i, "reason": r} for i, r in self.invalid],
+            "records_without_id": self.records_without_id,
+            "duplicate_ids": self.duplicate_ids,
             "images": {
                 "ok": self.images_ok,
                 "missing": self.images_missing,
@@ -86,7 +90,9 @@ def validate_dataset(
     invalid records included with empty ids and their reason) and `tokenizer/` so the masking can be
     re-checked independently.
     """
-    summary = ValidationSummary(invalid=list(dataset.invalid_records))
+    summary = ValidationSummary(invalid=list(dataset.invalid_records),
+                                records_without_id=getattr(dataset, "records_without_id", 0),
+                                duplicate_ids=dict(getattr(dataset, "duplicate_ids", {})))
     n = len(dataset) if max_records is None else min(len(dataset), max_records)
     summary.valid = n
     summary.records = n + len(summary.invalid)
@@ -171,6 +177,11 @@ def format_summary(summary: ValidationSummary, split: str, path: str) -> str:
     ]
     for record_id, reason in summary.skipped[:20]:
         lines.append(f"  skipped {record_id}: {reason}")
+    if summary.records_without_id:
+        lines.append(f"records without an id: {summary.records_without_id} (named #<position in the file>)")
+    if summary.duplicate_ids:
+        shown = ", ".join(f"{rid} x{n}" for rid, n in list(summary.duplicate_ids.items())[:20])
+        lines.append(f"duplicate ids: {len(summary.duplicate_ids)} ({shown})")
     if summary.invalid:
         lines.append("invalid records (will not train):")
         lines.extend(f"  {record_id}: {reason}" for record_id, reason in summary.invalid)
