@@ -26,6 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from vir.demo.tokenizer import train_llama3_style_tokenizer
 from vir.models.builder import build_all
+from vir.models.quantization import is_quantized
 from vir.planning.memory import GB, plan_memory
 from vir.training.modes import apply_training_mode
 from vir.utils.config import compose_config
@@ -65,7 +66,8 @@ def run_variant(name: str, overrides: list, steps: int, seq: int, device: str) -
     model = apply_training_mode(model, cfg.training, vision_tower_freeze=True)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
-    model.to(device) if not getattr(model.get_base_model(), "is_quantized", False) else None
+    if not is_quantized(model):  # a quantized model was placed on its device while it loaded
+        model.to(device)
     config = model.get_base_model().config
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5)

@@ -3,7 +3,6 @@ non-image, truncated or oversized file into one clear line."""
 
 from __future__ import annotations
 
-import io
 
 import pytest
 from PIL import Image

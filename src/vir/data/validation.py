@@ -91,8 +91,8 @@ def validate_dataset(
     re-checked independently.
     """
     summary = ValidationSummary(invalid=list(dataset.invalid_records),
-                                records_without_id=getattr(dataset, "records_without_id", 0),
-                                duplicate_ids=dict(getattr(dataset, "duplicate_ids", {})))
+                                records_without_id=dataset.records_without_id,
+                                duplicate_ids=dict(dataset.duplicate_ids))
     n = len(dataset) if max_records is None else min(len(dataset), max_records)
     summary.valid = n
     summary.records = n + len(summary.invalid)

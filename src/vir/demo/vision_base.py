@@ -193,11 +193,11 @@ class DenseModel(nn.Module):
     def __init__(self, tower: CLIPVisionModel, heads: DenseHeads, select_layer: int):
         super().__init__()
         self.tower, self.heads, self.select_layer = tower, heads, select_layer
-        self.last_loss: Optional[float] = None
+        self.last_loss: Optional[torch.Tensor] = None  # read only when a record is made: no sync every step
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> Dict[str, torch.Tensor]:
         loss = dense_loss(self.heads(patch_features(self.tower, pixel_values, self.select_layer)), labels)
-        self.last_loss = loss.item()
+        self.last_loss = loss.detach()
         return {"loss": loss}
 
 
@@ -229,7 +229,7 @@ def _train(model, heads, train, evaluation, tower: VisionTowerConfig, cfg: Visio
     trainer = Trainer(model=dense, args=args, train_dataset=BankDataset(train))
 
     def record(step: int, seconds: float) -> Dict[str, Any]:
-        row = {"step": step, "seconds": seconds, "loss": round(dense.last_loss, 4),
+        row = {"step": step, "seconds": seconds, "loss": round(dense.last_loss.item(), 4),
                "accuracy": dense_accuracy(model, heads, *evaluation, tower.select_layer)}
         logger.info("vision step %d (%.0fs) %s", step, seconds, row)
         return row

@@ -126,7 +126,7 @@ def build_model_config(
         "pad_token_id": tokenizer.pad_token_id,
         "image_token": model_cfg.image_token,
         "image_token_id": image_token_id,
-        "vision_config": _vision_config(model_cfg.vision_tower, source),
+        "vision_config": vision_config(model_cfg.vision_tower, source),
         "mm_vision_tower": model_cfg.vision_tower.path,
         "mm_projector_type": model_cfg.projector_type,
         "mm_vision_select_layer": model_cfg.vision_tower.select_layer,
@@ -276,7 +276,9 @@ def llm_fields_from_sizes(llm_cfg: Any) -> dict:
     }
 
 
-def _vision_config(tower_cfg: Any, source: Optional[PreTrainedConfig]) -> CLIPVisionConfig:
+def vision_config(tower_cfg: Any, source: Optional[PreTrainedConfig] = None) -> CLIPVisionConfig:
+    """The tower's shape: `model.vision_tower.path`'s config, else a saved LLaVA LLM's own tower (`source`),
+    else the size fields."""
     if tower_cfg.path:
         return load_vision_config(tower_cfg.path)
     if isinstance(source, LlavaLlamaConfig):  # a saved LLaVA model carries its own tower's shape

@@ -71,22 +71,20 @@ class MemoryPlan:
 
 
 def planning_config(model_cfg: Any, vocab_size: Optional[int] = None) -> LlavaLlamaConfig:
-    """A LlavaLlamaConfig with the shapes a run of `model.*` trains: read from `model.llm.path` /
-    `model.vision_tower.path` when set (the vocabulary then as the run grows it for its tokenizer), else the size
-    fields (`vocab_size`, default Llama-3's 128256)."""
-    from vir.models import builder
+    """A LlavaLlamaConfig with the shapes a run of `model.*` trains. With `model.llm.path` it is the run's own
+    (`build_model_config`: the checkpoint's shapes, the vocabulary grown for its tokenizer); without it, the
+    size fields and `vocab_size` (default Llama-3's 128256), no tokenizer needed."""
+    from vir.models.builder import build_model_config, build_tokenizer, llm_fields_from_sizes, vision_config
 
-    source = builder._read_llm_config(model_cfg.llm.path) if model_cfg.llm.path else None
-    if source is not None:
-        text = builder._text_fields(source)
-        text["vocab_size"] = max(source.vocab_size, len(builder.build_tokenizer(model_cfg)))
-    else:
-        text = {**builder.llm_fields_from_sizes(model_cfg.llm), "vocab_size": vocab_size or LLAMA3_VOCAB}
-    return LlavaLlamaConfig(image_token_id=text["vocab_size"] - 1,
-                            vision_config=builder._vision_config(model_cfg.vision_tower, source),
+    if model_cfg.llm.path:
+        return build_model_config(model_cfg, build_tokenizer(model_cfg))
+    vocab = vocab_size or LLAMA3_VOCAB
+    return LlavaLlamaConfig(vocab_size=vocab, image_token_id=vocab - 1,
+                            vision_config=vision_config(model_cfg.vision_tower),
                             mm_projector_type=model_cfg.projector_type,
                             mm_vision_select_layer=model_cfg.vision_tower.select_layer,
-                            mm_vision_select_feature=model_cfg.vision_tower.select_feature, **text)
+                            mm_vision_select_feature=model_cfg.vision_tower.select_feature,
+                            **llm_fields_from_sizes(model_cfg.llm))
 
 
 def zero_settings(training_cfg: Any) -> Dict[str, Any]:

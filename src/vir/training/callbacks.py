@@ -153,10 +153,10 @@ class DataStatsCallback(TrainerCallback):
         (logger.warning if fallback or stats.get("images_refused") or stats.get("skipped") else logger.info)(
             "data pipeline counters: %s", message)
         # Every record the file holds but training excluded, by id and reason (the warning names only a few).
-        excluded = [{"id": rid, "reason": why} for rid, why in getattr(self.dataset, "invalid_records", [])]
-        self.totals = {**stats, "records": getattr(self.dataset, "num_records_total", len(self.dataset)),
-                       "records_without_id": getattr(self.dataset, "records_without_id", 0),
-                       "duplicate_ids": getattr(self.dataset, "duplicate_ids", {}), "invalid_records": excluded}
+        excluded = [{"id": rid, "reason": why} for rid, why in self.dataset.invalid_records]
+        self.totals = {**stats, "records": self.dataset.num_records_total,
+                       "records_without_id": self.dataset.records_without_id,
+                       "duplicate_ids": self.dataset.duplicate_ids, "invalid_records": excluded}
         if args.should_save:
             print(f"data pipeline: {message}" + (f"; {len(excluded)} invalid records excluded" if excluded else ""))
             self.output_dir.mkdir(parents=True, exist_ok=True)
