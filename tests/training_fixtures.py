@@ -95,6 +95,11 @@ def run_config(bases: Bases, output_dir: Path, mode: str, *extra: str, with_eval
     The experiment (the embedded default's tuning) is dropped and every value a test relies on is pinned, so
     retuning the shipped experiment or training groups cannot change what these tests check.
     """
+    return compose_config(run_overrides(bases, output_dir, mode, *extra, with_eval=with_eval))
+
+
+def run_overrides(bases: Bases, output_dir: Path, mode: str, *extra: str, with_eval: bool = False) -> List[str]:
+    """`run_config`'s command-line overrides (what `vir-train` takes for the same run)."""
     data = bases.data
     overrides = [
         "model=tiny",
@@ -132,7 +137,7 @@ def run_config(bases: Bases, output_dir: Path, mode: str, *extra: str, with_eval
     ]
     if with_eval:
         overrides.append(f"data.eval_path={data.eval}")
-    return compose_config([*overrides, *extra])
+    return [*overrides, *extra]
 
 
 class _SnapshotOnSave(TrainerCallback):

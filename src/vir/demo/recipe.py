@@ -45,6 +45,8 @@ def stage_configs(cfg: DictConfig, data_root: Path, llm_dir: Path, clip_dir: Pat
     stage1.data.train_path = str(data_root / "stage1.json")
     stage1.data.eval_path = None
     stage1.model.pretrained_projector = None
+    if cfg.training.resume_from_checkpoint == "auto":  # an explicit checkpoint is stage 2's, not stage 1's
+        stage1.training.resume_from_checkpoint = "auto"
 
     stage2 = common.copy()
     stage2.data.train_path = str(data_root / "train.json")

@@ -19,7 +19,9 @@ from vir.data.dataset import LazySupervisedDataset
 from vir.inference.generate import answer_predictor
 from vir.models.builder import build_inputs, build_model
 from vir.training.batching import batch_layout
+from vir.models.checkpoint import RUN_CONFIG_FILE
 from vir.training.callbacks import CurvesCallback, DataStatsCallback, SampleVisualizerCallback
+from vir.training.checkpoints import clear_finished, finished_run, mark_finished, resume_target
 from vir.training.deepspeed_config import deepspeed_arguments
 from vir.training.distributed import run_state
 from vir.training.modes import apply_training_mode
@@ -97,6 +99,13 @@ def run_training(cfg: DictConfig, visualizer_samples: Optional[list] = None) -> 
     os.environ.setdefault("WANDB_PROJECT", "vir")
     set_seed(cfg.seed)
     output_dir = Path(cfg.training.output_dir)
+    resume = resume_target(cfg.training.resume_from_checkpoint, output_dir)
+    if cfg.training.resume_from_checkpoint == "auto":
+        done = finished_run(output_dir, cfg, RUN_CONFIG_FILE)
+        if done is not None:
+            logger.info("%s already finished this run (step %d): nothing to train", output_dir, done["global_step"])
+            return TrainOutcome(output_dir, done["global_step"], done["train_loss"], done["log_history"],
+                                done["data_stats"])
     tokenizer, image_processor, model_config = build_inputs(cfg)
     datasets = {
         split: LazySupervisedDataset.from_config(cfg.data, split, tokenizer, image_processor,
@@ -135,9 +144,15 @@ def run_training(cfg: DictConfig, visualizer_samples: Optional[list] = None) -> 
         group_by_modality_length=cfg.training.group_by_modality_length,
         length_grouping=cfg.training.length_grouping,
     )
-    result = trainer.train(resume_from_checkpoint=cfg.training.resume_from_checkpoint)
+    if trainer.args.should_save:
+        clear_finished(output_dir)
+    result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(output_dir))
     trainer.save_state()
+    outcome = TrainOutcome(output_dir, trainer.state.global_step, result.training_loss,
+                           trainer.state.log_history, stats_callback.totals)
+    if trainer.args.should_save:  # last: re-running with resume_from_checkpoint=auto skips a finished run
+        mark_finished(output_dir, {"global_step": outcome.global_step, "train_loss": outcome.train_loss,
+                                   "log_history": outcome.log_history, "data_stats": outcome.data_stats})
     trainer.accelerator.wait_for_everyone()  # the next stage (any process) reads what the main one wrote
-    return TrainOutcome(output_dir, trainer.state.global_step, result.training_loss,
-                        trainer.state.log_history, stats_callback.totals)
+    return outcome

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
 import torch
 from torch import nn
 from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from vir.models.checkpoint import write_run_artifacts
 from vir.models.projector import PROJECTOR_FILE, load_projector_state_dict
+from vir.training.checkpoints import STAGING_DIR, STATE_FILE, publish
 from vir.training.sampler import grouped_train_sampler
 
 logger = logging.getLogger(__name__)
@@ -91,6 +94,7 @@ class LlavaTrainer(Trainer):
         self.run_config = run_config
         self.mm_projector_lr = mm_projector_lr
         self.vision_tower_lr = vision_tower_lr
+        self._staging = False
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset
@@ -172,6 +176,37 @@ class LlavaTrainer(Trainer):
         )
         if projector_only:
             torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _get_output_dir(self, trial) -> str:
+        run_dir = super()._get_output_dir(trial)
+        return os.path.join(run_dir, STAGING_DIR) if self._staging else run_dir
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, written into `.staging/` and renamed into place once complete; old ones
+        are rotated out (`save_total_limit`) only after that, so a kill at any moment leaves the previous
+        checkpoint whole and never a partial `checkpoint-N` that `auto` could pick up."""
+        run_dir = Path(super()._get_output_dir(trial))
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save:
+            shutil.rmtree(run_dir / STAGING_DIR, ignore_errors=True)  # what a killed save left
+        self.accelerator.wait_for_everyone()
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        self._staging = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = False
+            self.args.save_total_limit = limit
+        self.accelerator.wait_for_everyone()  # every process's shards and RNG states are written
+        if self.args.should_save:
+            publish(run_dir / STAGING_DIR / name, run_dir / name)
+            best = self.state.best_model_checkpoint
+            if best and Path(best).parent.name == STAGING_DIR:
+                self.state.best_model_checkpoint = str(run_dir / Path(best).name)
+                self.state.save_to_json(str(run_dir / name / STATE_FILE))
+            rotate_checkpoints(str(run_dir), save_total_limit=limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint)
+        self.accelerator.wait_for_everyone()
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Also restore `mm_projector.bin`: a peft adapter does not hold the projector, and projector-only
