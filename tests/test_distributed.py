@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -30,7 +31,7 @@ TINY = [
     "demo.stage1.max_steps=3", "demo.stage1.per_device_train_batch_size=4", "demo.stage1.save_steps=3",
     "demo.stage1.report_to=[]", "recipe.num_visualizer_samples=2",
     "training.max_steps=4", "training.per_device_train_batch_size=4", "training.per_device_eval_batch_size=4",
-    "training.save_steps=4", "training.eval_steps=4", "training.logging_steps=1", "training.report_to=[]",
+    "training.save_steps=2", "training.eval_steps=4", "training.logging_steps=1", "training.report_to=[]",
     "training.length_grouping=2",
 ]
 
@@ -75,3 +76,16 @@ def test_torchrun_two_processes_run_the_synthetic_recipe_end_to_end(tmp_path):
     assert stats["images_ok"] + stats["images_corrupt"] + stats["images_missing"] >= 2 * 4 * 4 - 8
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert set(metrics["per_type"]) and 0.0 <= metrics["accuracy"] <= 1.0
+
+    # Interrupted after stage 2's checkpoint-2 (what a kill leaves: no completion record, no later checkpoint):
+    # the same command skips the data, the bases and stage 1, and resumes stage 2 to the same losses.
+    losses = {row["step"]: row["loss"] for row in state["log_history"] if "loss" in row}
+    shutil.rmtree(run_dir / "checkpoint-4")
+    for name in ("training_complete.json", "trainer_state.json", "adapter_model.safetensors"):
+        (run_dir / name).unlink()
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert f"{run_dir / 'stage1'} already finished this run" in again.stderr
+    assert f"resuming from {run_dir / 'checkpoint-2'}" in again.stderr
+    state = json.loads((run_dir / "trainer_state.json").read_text())
+    assert {row["step"]: row["loss"] for row in state["log_history"] if "loss" in row} == losses
