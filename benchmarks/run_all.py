@@ -26,10 +26,10 @@ from transformers import AutoTokenizer
 
 from vir.data.collator import DataCollatorForSupervisedDataset
 from vir.data.dataset import LazySupervisedDataset
-from vir.demo.synthetic import generate
-from vir.models.builder import build_all, clip_image_processor
 from vir.demo.llm_base import build_llama
+from vir.demo.synthetic import generate
 from vir.demo.vision_base import build_clip_vision
+from vir.models.builder import build_all, clip_image_processor
 from vir.training.modes import apply_training_mode
 from vir.training.sampler import modality_grouped_indices
 from vir.utils.config import compose_config

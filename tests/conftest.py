@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from vir.models.builder import prepare_tokenizer
 from vir.demo.tokenizer import train_llama3_style_tokenizer
+from vir.models.builder import prepare_tokenizer
 
 CORPUS = [
     "The red square is left of the blue circle.",

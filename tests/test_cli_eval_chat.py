@@ -11,7 +11,8 @@ import pytest
 from omegaconf import OmegaConf
 from training_fixtures import RUNS
 
-from vir.cli import chat, eval as eval_cli
+from vir.cli import chat
+from vir.cli import eval as eval_cli
 
 
 @pytest.fixture(scope="module")

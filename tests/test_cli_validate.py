@@ -50,7 +50,7 @@ def test_validate_counts_every_kind_of_record(fixture_data, tokenizer_dir, capsy
     assert status == 0, out
     summary = json.loads((tmp_path / "dump" / "summary.json").read_text())
     assert summary["records"] == 6 and summary["valid"] == 6 and summary["invalid"] == []
-    assert summary["images"] == {"ok": 3, "missing": 1, "corrupt": 1, "refused": 1}
+    assert summary["images"] == {"ok": 3, "missing": 1, "corrupt": 1, "refused": 1, "too_large": 0}
     assert (summary["text_only"], summary["single_image"], summary["multi_image"]) == (1, 4, 1)
     assert 0 < summary["trained_token_fraction"] < 1
     rows = [json.loads(line) for line in (tmp_path / "dump" / "samples.jsonl").read_text().splitlines()]

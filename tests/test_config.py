@@ -7,7 +7,6 @@ import sys
 from importlib import resources
 
 import pytest
-
 from omegaconf import OmegaConf
 
 from vir.utils.config import ConfigError, compose_config

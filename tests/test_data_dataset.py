@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from transformers import CLIPImageProcessorPil
 
 from vir.data import images as images_module
+from vir.data.accounting import RecordLedger
 from vir.data.collator import DataCollatorForSupervisedDataset
 from vir.data.conversation import IGNORE_INDEX
 from vir.data.dataset import COUNTERS, LazySupervisedDataset
@@ -114,6 +115,7 @@ def test_image_fallbacks_are_black_counted_and_rate_limited(data_dir, tokenizer,
         assert torch.allclose(items[i]["pixel_values"][0], black)
     assert not torch.allclose(items[0]["pixel_values"][0], black)
     assert dataset.stats() == {"images_ok": 3, "images_missing": 1, "images_corrupt": 1, "images_refused": 1,
+                               "images_too_large": 0,
                                "truncated": 0, "skipped": 0}
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 3 and "'corrupt'" in messages[0] and "corrupt.png" in messages[0]
@@ -158,6 +160,18 @@ def test_overlong_samples_are_truncated_or_replaced(data_dir, tokenizer, process
     assert report.skipped and report.issues == ["truncated", "skipped:images_do_not_fit"]
     assert dataset.inspect(1).issues == ["truncated"] and len(dataset.inspect(1).input_ids) == 30
 
+    # Per record, what trained: three epochs over both indices train record 1 six times; record 0 is one
+    # skipped record (not three), record 1 one truncated record.
+    ledger = RecordLedger(len(dataset))
+    for _ in range(3):
+        for i in range(len(dataset)):
+            ledger.add(dataset[i]["record_events"])
+    summary = ledger.summary(dataset.record_id, dataset.skip_reason)
+    assert {k: summary[k] for k in ("samples_trained", "records_trained", "skipped", "truncated")} == {
+        "samples_trained": 6, "records_trained": 1, "skipped": 1, "truncated": 1}
+    assert summary["skipped_records"] == [{"id": "long_image", "reason": "images_do_not_fit"}]
+    assert summary["truncated_records"] == ["long_text"]
+
 
 def test_nothing_trainable_raises(data_dir, tokenizer, processor):
     records = [{"id": "x", "image": "wide.png", "conversations": conv("<image>")}]
@@ -185,6 +199,7 @@ def test_dataloader_workers_share_counters(data_dir, tokenizer, processor):
         batches = list(loader)
     assert sum(b["pixel_values"].shape[0] for b in batches) == 6
     assert dataset.stats() == {"images_ok": 6, "images_missing": 2, "images_corrupt": 2, "images_refused": 2,
+                               "images_too_large": 0,
                                "truncated": 0, "skipped": 0}
     dataset.reset_stats()
     assert set(dataset.stats().values()) == {0} and set(dataset.stats()) == set(COUNTERS)

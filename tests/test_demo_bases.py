@@ -12,12 +12,23 @@ import torch
 from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPVisionModel, LlamaForCausalLM
 
 from vir.data.conversation import IGNORE_INDEX
-from vir.data.templates import build_example
 from vir.data.images import preprocess_images
-from vir.demo.synthetic import SyntheticConfig, corpus_texts, labelled_scene, sample_scene
+from vir.data.templates import build_example
 from vir.demo import llm_base, vision_base
-from vir.demo.bases import build_bases
-from vir.demo.llm_base import build_llama, encode_document, init_from_words, pretrain_llm
+from vir.demo.bases import base_qa_spec, build_bases
+from vir.demo.common import PRETRAIN_METRICS_FILE, BaseMismatchError, pretrain_arguments
+from vir.demo.config import LLMPretrainConfig, VisionPretrainConfig
+from vir.demo.llm_base import (
+    DocumentDataset,
+    LabelledLoss,
+    _BaseTrainer,
+    build_llama,
+    collate,
+    encode_document,
+    init_from_words,
+    labelled_tokens_per_document,
+    pretrain_llm,
+)
 from vir.demo.scene_text import (
     GRID_EMPTY,
     SceneCaption,
@@ -30,15 +41,10 @@ from vir.demo.scene_text import (
     scene_qa_examples,
     to_messages,
 )
-from vir.demo.vision_base import DENSE_HEADS, pretrain_vision_tower
-from vir.demo.bases import base_qa_spec
-from vir.demo.common import PRETRAIN_METRICS_FILE, BaseMismatchError
-from vir.demo.common import pretrain_arguments
-from vir.demo.llm_base import DocumentDataset, LabelledLoss, _BaseTrainer, collate, labelled_tokens_per_document
+from vir.demo.synthetic import SyntheticConfig, corpus_texts, labelled_scene, sample_scene
+from vir.demo.vision_base import DENSE_HEADS, dense_labels, pretrain_vision_tower, render_bank
 from vir.models.builder import clip_image_processor
-from vir.demo.vision_base import dense_labels, render_bank
 from vir.utils.config import compose_config
-from vir.demo.config import LLMPretrainConfig, VisionPretrainConfig
 from vir.utils.config_schema import LLMConfig, VisionTowerConfig
 
 SPEC = SyntheticConfig(num_stage1=40, num_train=80, num_eval=10, num_test=10, vocab_size=400)

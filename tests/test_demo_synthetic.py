@@ -29,8 +29,8 @@ from vir.demo.synthetic import (
     sample_scene,
 )
 from vir.demo.synthetic.language import SENTENCE_SUFFIX
-from vir.inference.scoring import normalize_answer
 from vir.demo.synthetic.scene import BACKGROUND, check_spec
+from vir.inference.scoring import normalize_answer
 
 SMALL = SyntheticConfig(num_stage1=20, num_train=80, num_eval=20, num_test=80, vocab_size=400)
 NUMBERS = "zero one two three four five".split()

@@ -8,8 +8,8 @@ from PIL import Image
 from training_fixtures import run_config, tiny_bases
 
 from vir.data.conversation import Message
-from vir.data.templates import build_generation_prompt
 from vir.data.images import preprocess_images
+from vir.data.templates import build_generation_prompt
 from vir.inference.evaluate import load_eval_items
 from vir.inference.generate import Query, generate_answers, left_pad, question_query
 from vir.models.builder import build_all

@@ -201,7 +201,8 @@ def test_every_flag_in_the_command_is_in_its_help(command, help_texts):
 @pytest.mark.parametrize("command", ARGPARSE_COMMANDS, ids=_ids(ARGPARSE_COMMANDS))
 def test_the_console_script_parses_the_command(command, monkeypatch, tmp_path, capsys):
     """The real `main(argv)` with the model loading stubbed out: argparse accepts the README's arguments."""
-    from vir.cli import chat, eval as eval_cli
+    from vir.cli import chat
+    from vir.cli import eval as eval_cli
 
     args = localized_args(command, tmp_path)
     seen = {}

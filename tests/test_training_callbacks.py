@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-
 from types import SimpleNamespace
 
 import pytest
 import torch
 from PIL import Image
-from training_fixtures import lora_run, stage1_run, tiny_bases
+from training_fixtures import lora_run, run_config, stage1_run, tiny_bases, train
 
 from vir.inference.evaluate import load_eval_items
 from vir.training.callbacks import SampleVisualizerCallback, write_curves, write_sample_grid
@@ -59,9 +58,24 @@ def test_data_stats_count_the_broken_images_of_one_epoch(tmp_path_factory, bases
     assert stats["images_missing"] == 1 and stats["images_corrupt"] == 2  # the empty and the truncated file
     assert stats["images_ok"] == num_images - 3
     assert stats["images_refused"] == stats["skipped"] == 0
-    # The counters also reach the training logs (only non-zero ones, so tensorboard/wandb see them too).
-    logged = [row.get("data/images_ok", 0) for row in run.outcome.log_history if "loss" in row]
-    assert logged == sorted(logged) and logged[-1] == num_images - 3
+    assert stats["samples_trained"] == stats["records_trained"] == 40
+    assert sorted(row["id"] for row in stats["fallback_image_records"]) == sorted(b["id"] for b in broken)
+    # The counts also reach the training logs (only non-zero ones, so tensorboard/wandb see them too).
+    logged = [row.get("data/records_trained", 0) for row in run.outcome.log_history if "loss" in row]
+    assert logged == [8, 16, 24, 32, 40]
+    assert [row.get("data/images_corrupt", 0) for row in run.outcome.log_history if "loss" in row][-1] == 2
+
+
+def test_data_stats_count_records_once_over_epochs_workers_and_prefetching(tmp_path, bases):
+    """Two epochs through two DataLoader workers (which prefetch batches that never train past max_steps): every
+    record counted once, every trained sample once, each broken image once."""
+    run = train(run_config(bases, tmp_path / "run", "stage1", "training.max_steps=9", "data.num_workers=2"))
+    stats = run.outcome.data_stats
+    broken = [b for b in json.loads(bases.data.manifest.read_text())["broken"] if b["id"].startswith("train")]
+    assert stats["samples_trained"] == 9 * 8 and stats["records_trained"] == 40  # the second epoch: 4 of 5 steps
+    assert stats["images_missing"] == 1 and stats["images_corrupt"] == 2
+    assert {row["id"]: {k: v for k, v in row.items() if k != "id"} for row in stats["fallback_image_records"]} == {
+        b["id"]: {"missing" if b["kind"] == "missing" else "corrupt": 1} for b in broken}
 
 
 def test_write_sample_grid_and_curves_directly(tmp_path, bases):

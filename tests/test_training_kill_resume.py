@@ -68,6 +68,9 @@ def test_a_killed_run_resumes_to_the_uninterrupted_runs_losses(bases, tmp_path):
     ours, theirs = _losses(killed), _losses(straight)
     assert sorted(ours) == list(range(1, STEPS + 1))
     assert ours == theirs  # every step, those trained after the kill included
+    # What trained, per record, counts the steps before the kill too (the checkpoint carries the ledger).
+    stats = json.loads((killed / "data_stats.json").read_text())
+    assert stats == json.loads((straight / "data_stats.json").read_text()) and stats["samples_trained"] == STEPS * 8
     assert not (killed / ".staging").exists() or not any((killed / ".staging").iterdir())
     assert len(list(killed.glob("checkpoint-*"))) == 2  # save_total_limit
 

@@ -39,11 +39,14 @@ class DataCollatorForSupervisedDataset:
     `{"input_ids": [B, T], "labels": [B, T], "attention_mask": [B, T], "pixel_values": [N, 3, H, W]}`.
 
     `pixel_values` concatenates every item's images in batch order (N = total images; text-only items add
-    none), which is the order in which the model meets the image tokens in `input_ids`.
+    none), which is the order in which the model meets the image tokens in `input_ids`. With
+    `keep_record_events`, the items' `record_events` rows are concatenated under that key too, for the trainer
+    to count and remove before the forward pass (`vir.data.accounting`).
     """
 
     pad_token_id: int
     pad_to_multiple_of: Optional[int] = None
+    keep_record_events: bool = False
 
     def __post_init__(self):
         if self.pad_token_id is None:
@@ -59,4 +62,6 @@ class DataCollatorForSupervisedDataset:
         }
         if "pixel_values" in instances[0]:
             batch["pixel_values"] = torch.cat([item["pixel_values"] for item in instances], dim=0)
+        if self.keep_record_events and "record_events" in instances[0]:
+            batch["record_events"] = torch.cat([item["record_events"] for item in instances], dim=0)
         return batch

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from vir.data.accounting import record_events
 from vir.data.conversation import DEFAULT_IMAGE_TOKEN, MISSING_ID_PREFIX, InvalidRecordError, Record, normalize_record
 from vir.data.counters import SharedCounters
 from vir.data.images import IMAGE_ASPECT_RATIOS, IMAGE_OK, black_image, load_image, preprocess_images
@@ -26,7 +27,8 @@ from vir.data.templates import TruncationResult, build_example, get_template, tr
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "eval", "test")
-COUNTERS = ("images_ok", "images_missing", "images_corrupt", "images_refused", "truncated", "skipped")
+COUNTERS = ("images_ok", "images_missing", "images_corrupt", "images_refused", "images_too_large", "truncated",
+            "skipped")
 _WARNING_BUDGETS = ("_image_warnings", "_skip_warnings")
 CHARS_PER_TOKEN = 4  # rule of thumb for English BPE; `lengths` only has to rank samples for grouping
 TOKENS_PER_TURN = 5  # header, role, "\n\n", eot
@@ -50,8 +52,9 @@ class SampleReport:
 
 class LazySupervisedDataset(Dataset):
     """Supervised multimodal samples; item `i` is
-    `{"input_ids": LongTensor[T], "labels": LongTensor[T], "pixel_values": FloatTensor[N, 3, H, W]}`,
-    N the record's image count (0 for text-only: shape [0, 3, H, W]).
+    `{"input_ids": LongTensor[T], "labels": LongTensor[T], "pixel_values": FloatTensor[N, 3, H, W],
+    "record_events": LongTensor[m, 2]}`, N the record's image count (0 for text-only: shape [0, 3, H, W]) and
+    `record_events` what the sample means for the per-record ledger (`vir.data.accounting`).
 
     Invalid records are excluded at construction and listed in `invalid_records` as `(id, reason)`. A record
     too long to keep its images, or with nothing left to train after truncation, is replaced by the next one
@@ -146,6 +149,7 @@ class LazySupervisedDataset(Dataset):
         self.invalid_records: list[tuple[str, str]] = []
         self.num_records_total = 0
         self.records_without_id = 0
+        self.unanswered_records: list[str] = []  # ids of records whose last turn is an unanswered user turn
         seen: set = set()  # dropped after indexing: workers never hold it
         duplicates: dict = {}
         for index, raw in enumerate(read_raw_records(self.data_path)):
@@ -155,6 +159,8 @@ class LazySupervisedDataset(Dataset):
             except InvalidRecordError as err:
                 self.invalid_records.append((err.record_id, err.reason))
                 continue
+            if record.messages[-1].role == "user":
+                self.unanswered_records.append(record.id)
             if record.id.startswith(MISSING_ID_PREFIX):
                 self.records_without_id += 1
             elif record.id in seen:
@@ -164,6 +170,9 @@ class LazySupervisedDataset(Dataset):
             lengths.append(self._estimate_length(record))
             num_images.append(record.num_images)
         self.duplicate_ids = dict(sorted(duplicates.items()))  # {id: how many records share it}
+        if self.unanswered_records:
+            logger.warning("%s: %d records end on a user turn with no answer; that turn trains nothing (e.g. %s)",
+                           self.data_path, len(self.unanswered_records), ", ".join(self.unanswered_records[:5]))
         if self.duplicate_ids or self.records_without_id:
             logger.warning("%s: %d records have no id (named #<position>), %d ids are shared by several records%s",
                            self.data_path, self.records_without_id, len(self.duplicate_ids),
@@ -221,10 +230,14 @@ class LazySupervisedDataset(Dataset):
         n = len(self)
         if not -n <= i < n:
             raise IndexError(f"index {i} out of range for {n} samples")
+        skipped: list[tuple[int, int]] = []
         for step in range(n):
-            sample = self._build_sample((i + step) % n)
+            index = (i + step) % n
+            sample = self._build_sample(index)
             if sample is not None:
+                sample["record_events"] = torch.tensor(skipped + sample["record_events"], dtype=torch.long)
                 return sample
+            skipped += record_events(index, "skipped")
         raise RuntimeError(f"{self.data_path}: no record can be trained at model_max_length="
                            f"{self.model_max_length} (all skipped; see dataset.stats())")
 
@@ -259,18 +272,23 @@ class LazySupervisedDataset(Dataset):
             self._warn_limited("_skip_warnings", "record %r skipped (%s at model_max_length=%d); using the "
                                "next record instead", record.id, result.skip_reason, self.model_max_length)
             return None
+        events = record_events(i, "trained", *(["truncated"] if result.truncated else []))
         if result.truncated:
             self._counters.add("truncated")
+        pixel_values, statuses = self._pixel_values(record)
         return {
             "input_ids": torch.tensor(result.input_ids, dtype=torch.long),
             "labels": torch.tensor(result.labels, dtype=torch.long),
-            "pixel_values": self._pixel_values(record),
+            "pixel_values": pixel_values,
+            "record_events": events + record_events(i, *(f"images_{status}" for status in statuses)),
         }
 
-    def _pixel_values(self, record: Record) -> torch.Tensor:
-        images = []
+    def _pixel_values(self, record: Record) -> tuple[torch.Tensor, list[str]]:
+        """The record's processed images and each one's load status."""
+        images, statuses = [], []
         for path in record.images:
             image, status = load_image(path, self.image_folder)
+            statuses.append(status)
             self._counters.add(f"images_{status}")
             if image is None:
                 self._warn_limited("_image_warnings", "record %r: image %s is %s (under %s); using a black image",
@@ -278,8 +296,8 @@ class LazySupervisedDataset(Dataset):
                 image = black_image(_processor_image_size(self.image_processor))
             images.append(image)
         if not images:
-            return torch.zeros((0, *self.pixel_shape))
-        return self._process(images)
+            return torch.zeros((0, *self.pixel_shape)), statuses
+        return self._process(images), statuses
 
     def _process(self, images: list) -> torch.Tensor:
         return preprocess_images(images, self.image_processor, self.image_aspect_ratio)

@@ -1,8 +1,9 @@
 """Image loading that never crashes a training run and never reads outside the image folder.
 
 `load_image` returns `(image, status)` with status `ok`, `missing`, `corrupt` (exists but cannot be read or
-decoded, truncated files included) or `refused` (the path resolves outside the image folder: `..`, an absolute
-path elsewhere or a symlink escaping it; such a file is never opened). Every PIL mode comes back as RGB.
+decoded, truncated files included), `too_large` (more than `MAX_IMAGE_PIXELS` pixels by its header: never
+decoded) or `refused` (the path resolves outside the image folder: `..`, an absolute path elsewhere or a
+symlink escaping it; such a file is never opened). Every PIL mode comes back as RGB.
 """
 
 from __future__ import annotations
@@ -26,7 +27,13 @@ IMAGE_OK = "ok"
 IMAGE_MISSING = "missing"
 IMAGE_CORRUPT = "corrupt"
 IMAGE_REFUSED = "refused"
-IMAGE_STATUSES = (IMAGE_OK, IMAGE_MISSING, IMAGE_CORRUPT, IMAGE_REFUSED)
+IMAGE_TOO_LARGE = "too_large"
+IMAGE_STATUSES = (IMAGE_OK, IMAGE_MISSING, IMAGE_CORRUPT, IMAGE_REFUSED, IMAGE_TOO_LARGE)
+
+# The decompression-bomb limit, set here rather than left to PIL's global (which any imported library may
+# change): PIL's own default, ~89.5 M pixels (9459 x 9459), ~270 MB decoded as RGB. A larger image is refused
+# from its header, before any pixel is decoded.
+MAX_IMAGE_PIXELS = 89_478_485
 
 # Transparent pixels are composited on white, as a browser shows a transparent PNG on a page; a bare
 # `convert("RGB")` would instead expose whatever colour happens to be stored under alpha = 0.
@@ -54,11 +61,21 @@ def load_image(path: str, image_folder: Union[str, Path]) -> tuple[Optional[Imag
     # PIL raises OSError, SyntaxError, ValueError, struct.error, DecompressionBombError... for broken files;
     # a broken file must cost one black image, never the run.
     try:
-        with Image.open(target) as img:
+        with warnings.catch_warnings(), Image.open(target) as img:
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # decided by `too_large`
+            if too_large(img):
+                return None, IMAGE_TOO_LARGE
             return decoded_rgb(img), IMAGE_OK
+    except Image.DecompressionBombError:  # PIL's own check, at twice its (global) limit
+        return None, IMAGE_TOO_LARGE
     except Exception as err:  # noqa: BLE001 - see above
         logger.debug("cannot decode %s: %r", target, err)
         return None, IMAGE_CORRUPT
+
+
+def too_large(img: Image.Image) -> bool:
+    """Whether an opened (not yet decoded) image has more than `MAX_IMAGE_PIXELS` pixels."""
+    return img.width * img.height > MAX_IMAGE_PIXELS
 
 
 def decoded_rgb(img: Image.Image) -> Image.Image:
@@ -80,12 +97,16 @@ def open_user_image(path: Union[str, Path]) -> Image.Image:
         raise ImageFileError(f"image not found: {path}")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the explicit limit below decides
             with Image.open(path) as img:
+                if too_large(img):
+                    raise ImageFileError(f"{path}: image too large ({img.width} x {img.height} pixels); the limit "
+                                         f"is {MAX_IMAGE_PIXELS} pixels")
                 return decoded_rgb(img)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ImageFileError(f"{path}: image too large ({err}); the limit is Image.MAX_IMAGE_PIXELS="
-                             f"{Image.MAX_IMAGE_PIXELS} pixels") from None
+    except ImageFileError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise ImageFileError(f"{path}: image too large ({err}); the limit is {MAX_IMAGE_PIXELS} pixels") from None
     except Image.UnidentifiedImageError:
         raise ImageFileError(f"{path}: not an image file PIL can read") from None
     except (OSError, SyntaxError, ValueError) as err:

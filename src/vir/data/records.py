@@ -22,18 +22,22 @@ class DataFileError(UserError):
 
 
 def read_raw_records(path: Union[str, Path]) -> Iterator[Any]:
-    """Yield the raw records of a JSON list or JSONL file, raising `DataFileError` naming file and line."""
+    """Yield the raw records of a JSON list or JSONL file (streamed line by line), raising `DataFileError`
+    naming the file, the line and where it breaks."""
     hint = "expected a JSON list of records or one JSON object per line (JSONL)"
     try:
         with open(path, encoding="utf-8-sig") as handle:
             is_json_list = _first_non_space(handle) == "["
             handle.seek(0)
             if is_json_list:
+                text = handle.read()
                 try:
-                    records = json.load(handle)
+                    records = json.loads(text)
                 except json.JSONDecodeError as err:
+                    cut = " (the file ends before the list does: cut off?)" if err.pos >= len(text.rstrip()) - 1 else ""
                     raise DataFileError(f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: "
-                                        f"{err.msg} ({hint})") from None
+                                        f"{err.msg}{cut} ({hint})") from None
+                del text
                 yield from records
                 return
             for lineno, line in enumerate(handle, start=1):
@@ -41,10 +45,30 @@ def read_raw_records(path: Union[str, Path]) -> Iterator[Any]:
                     try:
                         yield json.loads(line)
                     except json.JSONDecodeError as err:
-                        raise DataFileError(f"{path}:{lineno}: malformed JSON line, column {err.colno}: "
-                                            f"{err.msg} ({hint})") from None
+                        if lineno == 1:
+                            _refuse_multiline_object(path, handle)
+                        end = len(line.rstrip())
+                        where = (f"the line ends at column {end} before its record does (cut off?): {err.msg}"
+                                 if err.pos >= end - 1 else f"column {err.colno}: {err.msg}")
+                        raise DataFileError(f"{path}:{lineno}: malformed JSON line, {where} ({hint})") from None
     except UnicodeDecodeError as err:
         raise DataFileError(f"{path}: not UTF-8 text ({err})") from None
+
+
+def _refuse_multiline_object(path: Union[str, Path], handle) -> None:
+    """Raise a `DataFileError` that says so when the whole file is one JSON object written over several lines
+    (its first line alone is not JSON); return when it is not."""
+    handle.seek(0)
+    try:
+        value = json.load(handle)
+    except json.JSONDecodeError:
+        return
+    if isinstance(value, dict):
+        lists = [key for key, item in value.items() if isinstance(item, list) and item and isinstance(item[0], dict)]
+        inner = f"; its key {lists[0]!r} holds a list: save that list as the file" if "conversations" not in value \
+            and lists else ""
+        raise DataFileError(f"{path} holds one JSON object written over several lines, not a JSON list of records "
+                            f"nor one record per line (JSONL): wrap the record(s) in [ ... ]{inner}")
 
 
 def _first_non_space(handle) -> str:

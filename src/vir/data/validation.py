@@ -30,6 +30,9 @@ class ValidationSummary:
     images_missing: int = 0
     images_corrupt: int = 0
     images_refused: int = 0
+    images_too_large: int = 0
+    bad_images: List[Tuple[str, str, str]] = field(default_factory=list)  # (record id, status, path): black
+    unanswered: List[str] = field(default_factory=list)  # ids of records ending on a user turn (not trained)
     text_only: int = 0
     single_image: int = 0
     multi_image: int = 0
@@ -62,7 +65,10 @@ class ValidationSummary:
                 "missing": self.images_missing,
                 "corrupt": self.images_corrupt,
                 "refused": self.images_refused,
+                "too_large": self.images_too_large,
             },
+            "bad_images": [{"id": i, "status": s, "path": p} for i, s, p in self.bad_images],
+            "unanswered_final_turn": list(self.unanswered),
             "text_only": self.text_only,
             "single_image": self.single_image,
             "multi_image": self.multi_image,
@@ -92,7 +98,8 @@ def validate_dataset(
     """
     summary = ValidationSummary(invalid=list(dataset.invalid_records),
                                 records_without_id=dataset.records_without_id,
-                                duplicate_ids=dict(dataset.duplicate_ids))
+                                duplicate_ids=dict(dataset.duplicate_ids),
+                                unanswered=list(dataset.unanswered_records))
     n = len(dataset) if max_records is None else min(len(dataset), max_records)
     summary.valid = n
     summary.records = n + len(summary.invalid)
@@ -115,17 +122,20 @@ def validate_dataset(
 
 # SampleReport issue kind -> the ValidationSummary counter it increments
 _ISSUE_COUNTERS = {"image_missing": "images_missing", "image_corrupt": "images_corrupt",
-                   "image_refused": "images_refused", "truncated": "truncated"}
-_IMAGE_ISSUES = {"image_missing", "image_corrupt", "image_refused"}
+                   "image_refused": "images_refused", "image_too_large": "images_too_large", "truncated": "truncated"}
+_IMAGE_ISSUES = {"image_missing", "image_corrupt", "image_refused", "image_too_large"}
+MAX_PRINTED = 20  # records named per list in the printed summary (the dump and the JSON hold all)
 
 
 def _count(summary: ValidationSummary, report) -> None:
     bad_images = 0
     for issue in report.issues:
-        kind = issue.split(":", 1)[0]
+        kind, _, detail = issue.partition(":")
         if kind in _ISSUE_COUNTERS:
             setattr(summary, _ISSUE_COUNTERS[kind], getattr(summary, _ISSUE_COUNTERS[kind]) + 1)
-        bad_images += kind in _IMAGE_ISSUES
+        if kind in _IMAGE_ISSUES:
+            bad_images += 1
+            summary.bad_images.append((report.id, kind.removeprefix("image_"), detail))
     summary.images_ok += report.num_images - bad_images
     if report.num_images == 0:
         summary.text_only += 1
@@ -168,15 +178,24 @@ def format_summary(summary: ValidationSummary, split: str, path: str) -> str:
         f"split: {split}  ({path})",
         f"records: {summary.records}  valid: {summary.valid}  invalid: {len(summary.invalid)}",
         f"images: ok {summary.images_ok}  missing {summary.images_missing}  corrupt {summary.images_corrupt}"
-        f"  refused {summary.images_refused}",
+        f"  refused {summary.images_refused}  too large {summary.images_too_large}",
         f"samples: text-only {summary.text_only}  single-image {summary.single_image}"
         f"  multi-image {summary.multi_image}",
         f"truncated: {summary.truncated}  skipped: {len(summary.skipped)}",
         "token lengths: " + ("  ".join(f"{k} {v}" for k, v in pct.items()) if pct else "n/a"),
         f"trained-token fraction: {summary.trained_fraction:.3f}",
     ]
-    for record_id, reason in summary.skipped[:20]:
+    for record_id, reason in summary.skipped[:MAX_PRINTED]:
         lines.append(f"  skipped {record_id}: {reason}")
+    if summary.bad_images:
+        lines.append(f"images that will train as black ({len(summary.bad_images)}; all in --dump / the JSON):")
+        lines.extend(f"  {record_id}: {status} {path}" for record_id, status, path in summary.bad_images[:MAX_PRINTED])
+        if len(summary.bad_images) > MAX_PRINTED:
+            lines.append(f"  ... and {len(summary.bad_images) - MAX_PRINTED} more")
+    if summary.unanswered:
+        shown = ", ".join(summary.unanswered[:MAX_PRINTED])
+        lines.append(f"records ending on an unanswered user turn (that turn is not trained): "
+                     f"{len(summary.unanswered)} ({shown}{', ...' if len(summary.unanswered) > MAX_PRINTED else ''})")
     if summary.records_without_id:
         lines.append(f"records without an id: {summary.records_without_id} (named #<position in the file>)")
     if summary.duplicate_ids:
@@ -185,5 +204,7 @@ def format_summary(summary: ValidationSummary, split: str, path: str) -> str:
     if summary.invalid:
         lines.append("invalid records (will not train):")
         lines.extend(f"  {record_id}: {reason}" for record_id, reason in summary.invalid)
-    lines.append("status: " + ("OK, data can train" if summary.can_train else "FAILED"))
+    warnings = bool(summary.bad_images or summary.skipped or summary.unanswered or summary.duplicate_ids)
+    lines.append("status: " + ("FAILED" if not summary.can_train else
+                               "OK, data can train (with the warnings above)" if warnings else "OK, data can train"))
     return "\n".join(lines)

@@ -15,7 +15,6 @@ import torch
 from transformers import TrainerCallback, TrainingArguments
 
 from vir.training.distributed import run_state, sum_over_processes
-
 from vir.utils.errors import UserError
 
 logger = logging.getLogger(__name__)

@@ -27,25 +27,25 @@ import torch
 from torch.utils.data import Dataset
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase, Trainer
 
-from vir.data.conversation import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, Message
 from vir.data.collator import DataCollatorForSupervisedDataset
+from vir.data.conversation import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, Message
 from vir.data.templates import build_example
-from vir.inference.generate import Query, generate_answers
-from vir.inference.scoring import accuracy_by_type, overall_accuracy
-from vir.models.builder import llm_fields_from_sizes
 from vir.demo.common import (
     PathLike,
     StepRecords,
     as_dataclass,
     clear_metrics,
-    finished_metrics,
     fingerprint,
+    finished_metrics,
     pretrain_arguments,
     refuse_mismatch,
     write_metrics,
 )
 from vir.demo.config import LLMPretrainConfig
 from vir.demo.scene_text import Document, SceneCaption, to_messages
+from vir.inference.generate import Query, generate_answers
+from vir.inference.scoring import accuracy_by_type, overall_accuracy
+from vir.models.builder import llm_fields_from_sizes
 from vir.training.distributed import run_state
 from vir.training.sampler import grouped_train_sampler
 from vir.utils.config_schema import LLMConfig

@@ -22,8 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from vir.demo.synthetic import generate
 from vir.inference.evaluate import evaluate_run
-from vir.training.finetune import visualizer_samples
 from vir.training.distributed import borrowed_cores, main_process_first, run_state
+from vir.training.finetune import visualizer_samples
 
 logger = logging.getLogger(__name__)
 

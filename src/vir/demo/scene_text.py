@@ -26,9 +26,9 @@ from typing import Dict, List, Mapping, NamedTuple, Sequence, Union
 import numpy as np
 
 from vir.data.conversation import Message
+from vir.demo.config import SyntheticConfig
 from vir.demo.synthetic import SIZES, caption, make_question, sample_scene
 from vir.demo.synthetic.language import RELATION_PHRASES
-from vir.demo.config import SyntheticConfig
 
 
 class SceneCaption(NamedTuple):

@@ -26,21 +26,21 @@ from torch.utils.data import Dataset
 from transformers import CLIPImageProcessorPil, CLIPVisionModel, Trainer
 
 from vir.data.images import preprocess_images
-from vir.demo.synthetic import SIZES, as_spec, labelled_scene
-from vir.models.builder import clip_image_processor, vision_config_from_sizes
 from vir.demo.common import (
     PathLike,
     StepRecords,
     as_dataclass,
     clear_metrics,
-    finished_metrics,
     fingerprint,
+    finished_metrics,
     pretrain_arguments,
     refuse_mismatch,
     write_metrics,
 )
-from vir.training.distributed import run_state
 from vir.demo.config import SyntheticConfig, VisionPretrainConfig
+from vir.demo.synthetic import SIZES, as_spec, labelled_scene
+from vir.models.builder import clip_image_processor, vision_config_from_sizes
+from vir.training.distributed import run_state
 from vir.utils.config_schema import VisionTowerConfig
 
 logger = logging.getLogger(__name__)

@@ -11,8 +11,8 @@ from tqdm.auto import tqdm
 
 from vir.data.collator import pad_batch
 from vir.data.conversation import DEFAULT_IMAGE_TOKEN, Message
-from vir.data.templates import build_generation_prompt
 from vir.data.images import preprocess_images
+from vir.data.templates import build_generation_prompt
 
 
 @dataclass

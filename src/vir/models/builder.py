@@ -18,12 +18,12 @@ from transformers import (
 )
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+from vir.data.templates import FINETUNE_PAD
 from vir.models.configuration import LlavaLlamaConfig, check_projector_type, check_select_feature
 from vir.models.encoder import load_vision_config, quiet_load_report
 from vir.models.llava_arch import LlavaLlamaForCausalLM
 from vir.models.projector import load_projector_state_dict
 from vir.models.quantization import ensure_initialised, load_device_map, quantization_config
-from vir.data.templates import FINETUNE_PAD
 from vir.utils.config import ConfigError
 
 logger = logging.getLogger(__name__)

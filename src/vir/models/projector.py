@@ -11,6 +11,7 @@ the projector artifact (trainer, export and chat all use them).
 from __future__ import annotations
 
 import logging
+import pickle
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Union
 
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from vir.models.configuration import PROJECTOR_TYPE_PATTERN, LlavaLlamaConfig, check_projector_type
+from vir.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +103,7 @@ def load_projector_state_dict(model: nn.Module, path_or_state: Union[PathLike, M
     projector type.
     """
     source = str(path_or_state) if isinstance(path_or_state, (str, Path)) else "the given state dict"
-    state = _read_state(path_or_state) if isinstance(path_or_state, (str, Path)) else path_or_state
+    state = load_projector_file(path_or_state) if isinstance(path_or_state, (str, Path)) else path_or_state
     stripped, unexpected = {}, []
     for key, tensor in state.items():
         _, marker, name = key.rpartition("mm_projector.")
@@ -121,7 +123,9 @@ def load_projector_state_dict(model: nn.Module, path_or_state: Union[PathLike, M
     logger.info("loaded mm_projector (%d tensors) from %s", len(stripped), source)
 
 
-def _read_state(path: PathLike) -> Mapping[str, torch.Tensor]:
+def load_projector_file(path: PathLike) -> Mapping[str, torch.Tensor]:
+    """The tensors of a projector file (`.bin` read with `weights_only`, or `.safetensors`), or of the
+    `mm_projector.bin` / `.safetensors` in a directory; keys as stored."""
     path = Path(path)
     if path.is_dir():
         candidates = [path / PROJECTOR_FILE, path / "mm_projector.safetensors"]
@@ -135,7 +139,12 @@ def _read_state(path: PathLike) -> Mapping[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path), device="cpu")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # weights_only refused a global: the file could run code
+        raise UserError(f"{path}: refused: it holds Python objects besides tensors, which could run code when "
+                        f"loaded ({str(err).splitlines()[-1]}); save the projector's tensors alone, or as "
+                        "safetensors") from None
 
 
 def _projector_module(model: nn.Module) -> nn.Module:

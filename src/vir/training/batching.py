@@ -21,7 +21,9 @@ def batch_layout(training_cfg: Any, world_size: int) -> Tuple[int, int]:
         raise ConfigError(f"training.per_device_train_batch_size={micro} must be >= 1")
     if total is None:
         return micro, training_cfg.gradient_accumulation_steps
-    if total < 1 or total % world_size:
+    if total < 1:
+        raise ConfigError(f"training.global_batch_size={total} must be >= 1 (or null)")
+    if total % world_size:
         raise ConfigError(f"training.global_batch_size={total} does not split over {world_size} processes: "
                           f"choose a multiple of {world_size}, or run on a number of processes that divides it")
     per_process = total // world_size

@@ -14,8 +14,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
+from vir.data.accounting import RecordLedger  # noqa: E402
 from vir.inference.scoring import exact_match  # noqa: E402
-from vir.training.distributed import sum_over_processes  # noqa: E402
+from vir.training.distributed import sum_array_over_processes  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -137,27 +138,32 @@ def write_curves(path: Path, log_history: List[dict]) -> Path:
 
 
 class DataStatsCallback(TrainerCallback):
-    """At the end of training, prints the data pipeline's counters (fallback images, refused paths, truncated,
-    skipped) and writes `data_stats.json`: a run never hides that it trained on black images. (`LlavaTrainer.log`
-    puts the same counters in the training logs: keys added in `on_log` would miss tensorboard and wandb.)"""
+    """At the end of training, prints what trained, per record (`vir.data.accounting`: records trained,
+    truncated and skipped, fallback images by status, each with the records' ids) and writes `data_stats.json`,
+    beside the records the file held but training excluded: a run never hides that it trained on black images.
+    (`LlavaTrainer.log` puts the same counts in the training logs: keys added in `on_log` would miss tensorboard
+    and wandb.)"""
 
-    def __init__(self, dataset, output_dir: str | Path):
+    def __init__(self, dataset, ledger: RecordLedger, output_dir: str | Path):
         self.dataset = dataset
+        self.ledger = ledger
         self.output_dir = Path(output_dir)
-        self.totals: dict[str, int] = {}  # the counters summed over processes, once training has ended
+        self.totals: dict = {}  # data_stats.json's content, once training has ended
 
     def on_train_end(self, args, state, control, **kwargs):
-        stats = sum_over_processes(self.dataset.stats())  # each process loads its share
-        fallback = stats.get("images_missing", 0) + stats.get("images_corrupt", 0)
-        message = ", ".join(f"{k}={v}" for k, v in stats.items())
-        (logger.warning if fallback or stats.get("images_refused") or stats.get("skipped") else logger.info)(
-            "data pipeline counters: %s", message)
+        ledger = self.ledger.reduced(sum_array_over_processes)  # each process trained its share
+        summary = ledger.summary(self.dataset.record_id, self.dataset.skip_reason)
+        counts = {k: v for k, v in summary.items() if isinstance(v, int)}
+        message = ", ".join(f"{k}={v}" for k, v in counts.items())
+        fallback = sum(counts[k] for k in counts if k.startswith("images_") and k != "images_ok")
+        (logger.warning if fallback or counts["skipped"] else logger.info)("trained data: %s", message)
         # Every record the file holds but training excluded, by id and reason (the warning names only a few).
         excluded = [{"id": rid, "reason": why} for rid, why in self.dataset.invalid_records]
-        self.totals = {**stats, "records": self.dataset.num_records_total,
+        self.totals = {**summary, "records": self.dataset.num_records_total,
                        "records_without_id": self.dataset.records_without_id,
-                       "duplicate_ids": self.dataset.duplicate_ids, "invalid_records": excluded}
+                       "duplicate_ids": self.dataset.duplicate_ids, "invalid_records": excluded,
+                       "unanswered_final_turn": list(self.dataset.unanswered_records)}
         if args.should_save:
-            print(f"data pipeline: {message}" + (f"; {len(excluded)} invalid records excluded" if excluded else ""))
+            print(f"trained data: {message}" + (f"; {len(excluded)} invalid records excluded" if excluded else ""))
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "data_stats.json").write_text(json.dumps(self.totals, indent=2))

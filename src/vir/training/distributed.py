@@ -14,6 +14,7 @@ import os
 from contextlib import contextmanager
 from typing import Iterator
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from accelerate import PartialState
@@ -34,6 +35,26 @@ def sum_over_processes(counts: dict[str, int]) -> dict[str, int]:
     totals = torch.tensor([counts[name] for name in names], dtype=torch.int64, device=device)
     dist.all_reduce(totals)
     return {name: int(total) for name, total in zip(names, totals.tolist())}
+
+
+def sum_array_over_processes(values: np.ndarray) -> np.ndarray:
+    """An int64 array summed element-wise over every process of the run (a copy in a single-process run)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values.copy()
+    device = run_state().device if dist.get_backend() == "nccl" else "cpu"
+    total = torch.tensor(values, dtype=torch.int64, device=device)  # a copy: all_reduce works in place
+    dist.all_reduce(total)
+    return total.cpu().numpy()
+
+
+def all_processes_agree(flag: bool) -> bool:
+    """True only when `flag` is true on every process of the run (`flag` itself in a single-process run)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    device = run_state().device if dist.get_backend() == "nccl" else "cpu"
+    value = torch.tensor([0 if flag else 1], dtype=torch.int64, device=device)
+    dist.all_reduce(value)  # the number of processes where it is false
+    return int(value.item()) == 0
 
 
 @contextmanager

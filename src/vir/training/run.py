@@ -13,18 +13,20 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import TrainingArguments, set_seed
 
+from vir.data.accounting import LEDGER_FILE, RecordLedger
 from vir.data.collator import DataCollatorForSupervisedDataset
 from vir.data.conversation import IGNORE_INDEX
 from vir.data.dataset import LazySupervisedDataset
 from vir.inference.generate import answer_predictor
 from vir.models.builder import build_inputs, build_model
-from vir.training.batching import batch_layout
 from vir.models.checkpoint import RUN_CONFIG_FILE
+from vir.training.batching import batch_layout
 from vir.training.callbacks import CurvesCallback, DataStatsCallback, SampleVisualizerCallback
 from vir.training.checkpoints import clear_finished, finished_run, mark_finished, resume_target
 from vir.training.deepspeed_config import deepspeed_arguments
 from vir.training.distributed import run_state
 from vir.training.modes import apply_training_mode
+from vir.training.preflight import check_projector_fits, check_run
 from vir.training.trainer import LlavaTrainer
 
 logger = logging.getLogger(__name__)
@@ -98,6 +100,7 @@ def run_training(cfg: DictConfig, visualizer_samples: Optional[list] = None) -> 
     os.environ.setdefault("WANDB_MODE", "offline")  # `wandb sync wandb/offline-run-*` uploads a run later
     os.environ.setdefault("WANDB_PROJECT", "vir")
     set_seed(cfg.seed)
+    check_run(cfg)
     output_dir = Path(cfg.training.output_dir)
     resume = resume_target(cfg.training.resume_from_checkpoint, output_dir)
     if cfg.training.resume_from_checkpoint == "auto":
@@ -107,6 +110,7 @@ def run_training(cfg: DictConfig, visualizer_samples: Optional[list] = None) -> 
             return TrainOutcome(output_dir, done["global_step"], done["train_loss"], done["log_history"],
                                 done["data_stats"])
     tokenizer, image_processor, model_config = build_inputs(cfg)
+    check_projector_fits(cfg, model_config)
     datasets = {
         split: LazySupervisedDataset.from_config(cfg.data, split, tokenizer, image_processor,
                                                  num_image_tokens=model_config.num_image_tokens,
@@ -122,7 +126,10 @@ def run_training(cfg: DictConfig, visualizer_samples: Optional[list] = None) -> 
     model = apply_training_mode(model, cfg.training, vision_tower_freeze=cfg.model.vision_tower.freeze)
     if cfg.training.gradient_checkpointing:
         model.enable_input_require_grads()
-    stats_callback = DataStatsCallback(datasets["train"], output_dir)
+    ledger = RecordLedger(len(datasets["train"]))
+    if resume and (Path(resume) / LEDGER_FILE).is_file() and run_state().is_main_process:
+        ledger.load(Path(resume) / LEDGER_FILE)  # the run's counts so far (the main process holds the total)
+    stats_callback = DataStatsCallback(datasets["train"], ledger, output_dir)
     callbacks = [stats_callback, CurvesCallback(output_dir)]
     if visualizer_samples:
         predict = answer_predictor(tokenizer, image_processor, cfg.data, cfg.recipe.eval_max_new_tokens)
@@ -132,7 +139,7 @@ def run_training(cfg: DictConfig, visualizer_samples: Optional[list] = None) -> 
         args=training_arguments(cfg, has_eval="eval" in datasets),
         train_dataset=datasets["train"],
         eval_dataset=datasets.get("eval"),
-        data_collator=DataCollatorForSupervisedDataset(tokenizer.pad_token_id),
+        data_collator=DataCollatorForSupervisedDataset(tokenizer.pad_token_id, keep_record_events=True),
         processing_class=tokenizer,
         callbacks=callbacks,
         compute_metrics=token_accuracy if "eval" in datasets else None,
@@ -143,6 +150,8 @@ def run_training(cfg: DictConfig, visualizer_samples: Optional[list] = None) -> 
         vision_tower_lr=cfg.training.vision_tower_lr,
         group_by_modality_length=cfg.training.group_by_modality_length,
         length_grouping=cfg.training.length_grouping,
+        record_ledger=ledger,
+        max_nonfinite_steps=cfg.training.max_nonfinite_steps,
     )
     if trainer.args.should_save:
         clear_finished(output_dir)

@@ -13,14 +13,26 @@ from torch import nn
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from vir.data.accounting import LEDGER_FILE, RecordLedger
 from vir.models.checkpoint import write_run_artifacts
 from vir.models.projector import PROJECTOR_FILE, load_projector_state_dict
-from vir.training.checkpoints import STAGING_DIR, STATE_FILE, publish
+from vir.training.checkpoints import STAGING_DIR, STATE_FILE, checkpoint_dirs, publish
+from vir.training.distributed import all_processes_agree, sum_array_over_processes
 from vir.training.sampler import grouped_train_sampler
+from vir.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 PROJECTOR_KEY = "mm_projector"
+
+
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written (out of disk, ...); the message names the intact previous one."""
+
+
+class NonFiniteTrainingError(UserError):
+    """Too many consecutive optimizer steps had non-finite gradients (`training.max_nonfinite_steps`)."""
+
 VISION_TOWER_KEY = "vision_tower"
 
 
@@ -71,7 +83,8 @@ class LlavaTrainer(Trainer):
     Extra keyword arguments: `image_processor` and `run_config` (the resolved Hydra config) are written
     next to the weights; `mm_projector_lr` / `vision_tower_lr` override the learning rate of those parts;
     `group_by_modality_length` batches multimodal and text-only samples apart (LLaVA's sampler); `length_grouping`
-    > 1 (which implies it) also batches samples of similar length (megabatches of that many step batches).
+    > 1 (which implies it) also batches samples of similar length (megabatches of that many step batches);
+    `record_ledger` counts the `record_events` of every batch that trains (and is saved in each checkpoint).
     """
 
     def __init__(
@@ -83,6 +96,8 @@ class LlavaTrainer(Trainer):
         vision_tower_lr: Optional[float] = None,
         group_by_modality_length: bool = False,
         length_grouping: int = 1,
+        record_ledger: Optional[RecordLedger] = None,
+        max_nonfinite_steps: int = 10,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -95,6 +110,10 @@ class LlavaTrainer(Trainer):
         self.mm_projector_lr = mm_projector_lr
         self.vision_tower_lr = vision_tower_lr
         self._staging = False
+        self.record_ledger = record_ledger
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.nonfinite_streak = 0  # consecutive optimizer steps skipped for non-finite gradients
+        self.nonfinite_total = 0
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset
@@ -126,13 +145,54 @@ class LlavaTrainer(Trainer):
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
         optimizer_kwargs.pop("lr", None)
         self.optimizer = optimizer_cls(groups, lr=self.args.learning_rate, **optimizer_kwargs)
+        self.optimizer.step = self._finite_step(self.optimizer)
         return self.optimizer
+
+    def _finite_step(self, optimizer):
+        """`optimizer.step` that skips (and warns about) an update whose gradients are not all finite on any
+        process (under ZeRO each holds a different shard, so they agree through an all-reduce first). After
+        `max_nonfinite_steps` consecutive skips it raises `NonFiniteTrainingError`: the checkpoints written so
+        far are left as they are."""
+        step = optimizer.step
+
+        def guarded(*args, **kwargs):
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            finite = not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()))
+            if all_processes_agree(finite):
+                self.nonfinite_streak = 0
+                return step(*args, **kwargs)
+            self.nonfinite_streak += 1
+            self.nonfinite_total += 1
+            step_number = self.state.global_step + 1
+            if self.nonfinite_streak > self.max_nonfinite_steps:
+                raise NonFiniteTrainingError(
+                    f"training stopped at step {step_number}: {self.nonfinite_streak} optimizer steps in a row had "
+                    f"non-finite (NaN or inf) gradients (training.max_nonfinite_steps={self.max_nonfinite_steps}); "
+                    f"the checkpoints in {self.args.output_dir} are intact. Lower training.learning_rate, use bf16 "
+                    "rather than fp16, or check the data with vir-validate")
+            logger.warning("step %d: non-finite gradients (NaN or inf loss); the update is skipped (%d in a row, "
+                           "training.max_nonfinite_steps=%d)", step_number, self.nonfinite_streak,
+                           self.max_nonfinite_steps)
+            return None
+
+        return guarded
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        events = inputs.pop("record_events", None)  # counted here: this batch trains
+        if events is not None and self.record_ledger is not None:
+            self.record_ledger.add(events)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs.pop("record_events", None)
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
     def log(self, logs: Dict[str, float], start_time: Optional[float] = None) -> None:
         # Done here, not in a callback's on_log: Trainer.log stores the history and calls the reporting
         # callbacks (tensorboard, wandb) before any user callback, so keys added there never reach them.
-        if "loss" in logs and hasattr(self.train_dataset, "stats"):
-            logs.update({f"data/{k}": v for k, v in self.train_dataset.stats().items() if v})
+        if "loss" in logs and self.record_ledger is not None:  # what this process trained so far
+            totals = self.record_ledger.totals()
+            logs.update({f"data/{k}": v for k, v in totals.items() if v and k != "images_ok"})
         super().log(logs, start_time)
 
     def _saves_projector_only(self) -> bool:
@@ -194,11 +254,21 @@ class LlavaTrainer(Trainer):
         self._staging = True
         try:
             super()._save_checkpoint(model, trial)
+        except OSError as err:  # out of disk, quota, a vanished mount: the previous checkpoint stays whole
+            shutil.rmtree(run_dir / STAGING_DIR, ignore_errors=True)
+            previous = [p.name for p in checkpoint_dirs(run_dir)]
+            raise CheckpointWriteError(
+                f"cannot write {name} into {run_dir} ({err.strerror or err}); "
+                + (f"{previous[-1]} is intact: free space and re-run with training.resume_from_checkpoint=auto"
+                   if previous else "no earlier checkpoint exists")) from err
         finally:
             self._staging = False
             self.args.save_total_limit = limit
+        ledger = self.record_ledger.reduced(sum_array_over_processes) if self.record_ledger is not None else None
         self.accelerator.wait_for_everyone()  # every process's shards and RNG states are written
         if self.args.should_save:
+            if ledger is not None:  # the run's total so far: a resumed run's data_stats.json counts it all
+                ledger.save(run_dir / STAGING_DIR / name / LEDGER_FILE)
             publish(run_dir / STAGING_DIR / name, run_dir / name)
             best = self.state.best_model_checkpoint
             if best and Path(best).parent.name == STAGING_DIR:

@@ -122,7 +122,12 @@ class TrainingConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     report_to: List[str] = field(default_factory=lambda: ["tensorboard"])
+    # null: start fresh; `auto`: continue from the newest complete checkpoint in output_dir (or start fresh when
+    # there is none; a finished run with the same config is not trained again); or a checkpoint-N directory.
     resume_from_checkpoint: Optional[str] = None
+    # An optimizer step whose gradients are not finite (NaN/inf loss) is skipped with a warning; this many in a
+    # row stop the run with a clear error, the checkpoints written so far intact.
+    max_nonfinite_steps: int = 10
     extra_args: Dict[str, Any] = field(default_factory=dict)
 
 

@@ -35,14 +35,14 @@ from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPVisionModel, 
 from vir.data.collator import pad_batch
 from vir.data.conversation import IGNORE_INDEX, Message
 from vir.data.images import preprocess_images
-from vir.demo.synthetic import SIZES, cell_labels, make_question, render_scene, sample_scene
 from vir.data.templates import build_example
+from vir.demo.config import SyntheticConfig
+from vir.demo.llm_base import build_llama
+from vir.demo.synthetic import SIZES, cell_labels, make_question, render_scene, sample_scene
 from vir.models.builder import prepare_tokenizer, resize_token_embeddings_mean_init
 from vir.models.llava_arch import splice_image_features
 from vir.models.projector import LlavaMultiModalProjector
-from vir.demo.llm_base import build_llama
 from vir.training.modes import lora_target_modules
-from vir.demo.config import SyntheticConfig
 from vir.utils.config_schema import LLMConfig
 
 

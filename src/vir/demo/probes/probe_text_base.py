@@ -40,13 +40,13 @@ import tempfile
 import torch
 from transformers import AutoTokenizer
 
-from vir.demo.synthetic import as_spec
 from vir.demo.bases import base_qa_spec
 from vir.demo.common import as_dataclass
+from vir.demo.config import LLMPretrainConfig
 from vir.demo.llm_base import _train, build_llama, init_from_words
 from vir.demo.scene_text import grid_token_words, grid_tokens, scene_caption_examples, scene_qa_examples
+from vir.demo.synthetic import as_spec
 from vir.utils.config import compose_config
-from vir.demo.config import LLMPretrainConfig
 
 
 def main() -> None:

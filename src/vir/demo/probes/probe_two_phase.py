@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import argparse
 
+import probe_lookup as probe
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPVisionModel
 
-import probe_lookup as probe
-from vir.models.builder import prepare_tokenizer
-from vir.demo.llm_base import build_llama
-from vir.training.modes import lora_target_modules
 from vir.demo.config import SyntheticConfig
+from vir.demo.llm_base import build_llama
+from vir.models.builder import prepare_tokenizer
+from vir.training.modes import lora_target_modules
 from vir.utils.config_schema import LLMConfig
 
 TYPES = ["count", "exists", "attribute", "relation"]

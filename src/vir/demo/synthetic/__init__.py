@@ -9,16 +9,8 @@ scene metadata. Everything is a deterministic function of `SyntheticConfig` (`de
     image, labels = labelled_scene(rng, spec)                # on-the-fly dense labels for the vision tower
 """
 
+from vir.demo.config import SyntheticConfig
 from vir.demo.synthetic.captions import caption, text_only_qa
-from vir.demo.synthetic.writer import (
-    GENERATOR_VERSION,
-    SyntheticPaths,
-    as_spec,
-    corpus_texts,
-    generate,
-    load_scenes,
-    spec_hash,
-)
 from vir.demo.synthetic.questions import QUESTION_TYPES, Question, make_question
 from vir.demo.synthetic.scene import (
     PALETTE,
@@ -32,7 +24,15 @@ from vir.demo.synthetic.scene import (
     sample_scene,
 )
 from vir.demo.synthetic.splits import BROKEN_KINDS, SPLITS, plan_splits
-from vir.demo.config import SyntheticConfig
+from vir.demo.synthetic.writer import (
+    GENERATOR_VERSION,
+    SyntheticPaths,
+    as_spec,
+    corpus_texts,
+    generate,
+    load_scenes,
+    spec_hash,
+)
 
 __all__ = [
     "BROKEN_KINDS",

@@ -6,6 +6,7 @@ from typing import Callable, List, Tuple
 
 import numpy as np
 
+from vir.demo.config import SyntheticConfig
 from vir.demo.synthetic.language import (
     RELATION_PHRASES,
     RELATIONS,
@@ -18,7 +19,6 @@ from vir.demo.synthetic.language import (
     relation_holds,
 )
 from vir.demo.synthetic.scene import SIZES, Scene, SceneObject
-from vir.demo.config import SyntheticConfig
 
 # LLaVA-558k style: the plain template keeps only the image, the llama3 template sees the instruction too.
 CAPTION_INSTRUCTIONS = (

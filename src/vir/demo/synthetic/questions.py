@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
+from vir.demo.config import SyntheticConfig
 from vir.demo.synthetic.language import (
     RELATION_PHRASES,
     RELATIONS,
@@ -28,7 +29,6 @@ from vir.demo.synthetic.language import (
     relation_holds,
 )
 from vir.demo.synthetic.scene import Scene, SceneObject
-from vir.demo.config import SyntheticConfig
 
 QUESTION_TYPES = ("count", "exists", "attribute", "relation")  # what eval/test ask, in `question_mix`
 AUX_QUESTION_TYPES = ("locate",)  # training-only sub-skills

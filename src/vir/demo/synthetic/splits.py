@@ -12,11 +12,11 @@ from typing import Dict, List, Optional, Set, Tuple
 
 import numpy as np
 
+from vir.demo.config import SyntheticConfig
 from vir.demo.synthetic.captions import CAPTION_INSTRUCTIONS, caption, text_only_qa
 from vir.demo.synthetic.language import choice
 from vir.demo.synthetic.questions import AUX_QUESTION_TYPES, QUESTION_TYPES, Question, make_question
 from vir.demo.synthetic.scene import Scene, check_spec, sample_scene
-from vir.demo.config import SyntheticConfig
 
 SPLITS = ("stage1", "train", "eval", "test")
 _SPLIT_STREAM = {"stage1": 1, "train": 2, "eval": 3, "test": 4, "broken": 5}

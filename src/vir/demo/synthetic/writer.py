@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Sequence, Union
 
+from vir.demo.config import SyntheticConfig
 from vir.demo.synthetic.scene import Scene, render_scene
 from vir.demo.synthetic.splits import IMAGE_TOKEN, SPLITS, PlannedImage, SplitPlan, plan_splits
-from vir.demo.config import SyntheticConfig
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,137 @@
+"""Checks a run passes before any weight loads: each failure is one `ConfigError` naming the key and the fix.
+
+`check_run(cfg)` needs only the config (output directory, mode and option combinations, precision, batch
+layout); `check_projector_fits(cfg, model_config)` needs the model config `build_inputs` derives without
+weights (a pretrained projector against the tower's and the LLM's widths).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vir.models.projector import KEY_PREFIX, build_projector, load_projector_file
+from vir.training.batching import batch_layout
+from vir.training.distributed import run_state
+from vir.utils.config import ConfigError
+
+MODES = ("stage1", "stage2_lora", "stage2_full")
+QUANTIZATIONS = ("none", "nf4", "int8")
+
+
+def check_run(cfg: Any) -> None:
+    """Everything about the run that a config alone can get wrong (see module doc)."""
+    check_output_dir(cfg.training.output_dir)
+    _check_paths(cfg)
+    _check_options(cfg)
+    _check_precision(cfg)
+    batch_layout(cfg.training, run_state().num_processes)
+
+
+def check_output_dir(value: str, key: str = "training.output_dir") -> None:
+    """The output directory can be created and written: no ancestor is a file, and a probe file can be written
+    (tried for real: permission bits say nothing to root, nor about a read-only mount). What the probe created
+    is removed again."""
+    path = Path(value).absolute()
+    ancestor = next(a for a in (path, *path.parents) if a.exists())
+    if not ancestor.is_dir():
+        raise ConfigError(f"{key}={value}: {ancestor} is a file, not a directory; choose another {key}")
+    created = [a for a in (path, *path.parents) if not a.exists()]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise ConfigError(f"{key}={value} cannot be written ({err.strerror or err}); choose a directory you can "
+                          "write to") from None
+    finally:
+        for directory in created:  # deepest first
+            if directory.is_dir() and not any(directory.iterdir()):
+                directory.rmdir()
+
+
+def _check_paths(cfg: Any) -> None:
+    data = cfg.data
+    if data.image_folder is not None and not Path(data.image_folder).is_dir():
+        raise ConfigError(f"data.image_folder={data.image_folder} is not a directory; point it at the folder the "
+                          "records' image paths are relative to")
+    for key, value in (("model.llm.path", cfg.model.llm.path), ("model.vision_tower.path", cfg.model.vision_tower.path),
+                       ("model.tokenizer_path", cfg.model.tokenizer_path)):
+        if value is not None and not Path(value).is_dir():
+            raise ConfigError(f"{key}={value} is not a directory; point it at a local Hugging Face directory")
+    projector = cfg.model.pretrained_projector
+    if projector is not None and not Path(projector).exists():
+        raise ConfigError(f"model.pretrained_projector={projector}: no such file (a LLaVA mm_projector.bin, or the "
+                          "stage-1 run directory holding one)")
+
+
+def _check_options(cfg: Any) -> None:
+    t, model = cfg.training, cfg.model
+    if t.mode not in MODES:
+        raise ConfigError(f"training.mode={t.mode} is not one of {', '.join(MODES)}")
+    if model.llm.quantization not in QUANTIZATIONS:
+        raise ConfigError(f"model.llm.quantization={model.llm.quantization} is not one of {', '.join(QUANTIZATIONS)}")
+    if model.llm.quantization != "none":
+        if t.mode != "stage2_lora":
+            raise ConfigError(f"model.llm.quantization={model.llm.quantization} loads the LLM as frozen low-bit "
+                              f"weights: it trains with training.mode=stage2_lora (QLoRA), not {t.mode}")
+        if model.llm.path is None:
+            raise ConfigError("model.llm.quantization needs model.llm.path: quantisation loads a pretrained "
+                              "checkpoint (a random-init LLM has nothing worth quantising)")
+    if cfg.data.template == "plain" and t.mode != "stage1":
+        raise ConfigError(f"data.template=plain is LLaVA's stage-1 caption format (no chat turns); "
+                          f"training.mode={t.mode} trains conversations: use data.template=llama3")
+    if t.mode == "stage2_lora" and not model.vision_tower.freeze:
+        raise ConfigError("training.mode=stage2_lora cannot train the vision tower (model.vision_tower.freeze="
+                          "false): its weights would be in neither the adapter nor mm_projector.bin. Keep the tower "
+                          "frozen or use training.mode=stage2_full")
+    tower = model.vision_tower
+    if tower.path is None and tower.image_size % tower.patch_size:
+        raise ConfigError(f"model.vision_tower.image_size={tower.image_size} is not a multiple of "
+                          f"model.vision_tower.patch_size={tower.patch_size}")
+
+
+def _check_precision(cfg: Any) -> None:
+    t = cfg.training
+    if t.bf16 and t.fp16:
+        raise ConfigError("training.bf16 and training.fp16 are both true: choose one")
+    wants_bf16 = t.bf16 or cfg.model.llm.dtype == "bfloat16"
+    if not wants_bf16:
+        return
+    key = "training.bf16" if t.bf16 else "model.llm.dtype=bfloat16"
+    if torch.cuda.is_available():
+        if not torch.cuda.is_bf16_supported():
+            raise ConfigError(f"{key}: {torch.cuda.get_device_name()} has no bfloat16 (compute capability 8.0 or "
+                              "later needed); use training.fp16=true and model.llm.dtype=float16")
+    elif not _cpu_bf16_works():
+        raise ConfigError(f"{key}: this CPU's PyTorch cannot compute in bfloat16; set training.bf16=false and "
+                          "model.llm.dtype=float32")
+
+
+def _cpu_bf16_works() -> bool:
+    try:
+        x = torch.ones(2, 2, dtype=torch.bfloat16)
+        return bool(torch.isfinite((x @ x).float()).all())
+    except RuntimeError:
+        return False
+
+
+def check_projector_fits(cfg: Any, model_config: Any) -> None:
+    """`model.pretrained_projector` has the keys and shapes this model's projector needs (the tower's width in,
+    the LLM's out), read before any weights load."""
+    path = cfg.model.pretrained_projector
+    if path is None:
+        return
+    with torch.device("meta"):
+        expected = {KEY_PREFIX + name: tuple(t.shape) for name, t in build_projector(model_config).state_dict().items()}
+    found = {key: tuple(t.shape) for key, t in load_projector_file(path).items()}
+    found = {KEY_PREFIX + key.rpartition("mm_projector.")[2]: shape for key, shape in found.items()
+             if "mm_projector." in key}
+    if found != expected:
+        raise ConfigError(
+            f"model.pretrained_projector={path} does not fit this model (model.projector_type="
+            f"{cfg.model.projector_type}, vision width {model_config.mm_hidden_size} -> LLM width "
+            f"{model_config.hidden_size}): expected {expected}, found {found}")

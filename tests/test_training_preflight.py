@@ -1,0 +1,87 @@
+"""`vir-train` stops before any weight loads, with one line naming the key and the fix and exit status 2, for every
+mistake a config alone can make (training.preflight)."""
+
+from __future__ import annotations
+
+import re
+import sys
+
+import pytest
+import torch
+from training_fixtures import run_overrides, tiny_bases
+
+from vir.cli import train as train_cli
+from vir.training import run as run_module
+
+
+@pytest.fixture(scope="session")
+def bases(tmp_path_factory):
+    return tiny_bases(tmp_path_factory)
+
+
+def _fails(monkeypatch, capsys, overrides: list[str]) -> str:
+    """Run `vir-train OVERRIDES` in-process; return its one-line error (asserting no model was built)."""
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was built before the config was checked")
+
+    monkeypatch.setattr(run_module, "build_model", no_model)
+    monkeypatch.setattr(sys, "argv", ["vir-train", *overrides])
+    with pytest.raises(SystemExit) as exit_info:
+        train_cli.main()
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def _wrong_projector(tmp_path):
+    path = tmp_path / "mm_projector.bin"
+    torch.save({"model.mm_projector.0.weight": torch.zeros(32, 48), "model.mm_projector.0.bias": torch.zeros(32),
+                "model.mm_projector.2.weight": torch.zeros(32, 32), "model.mm_projector.2.bias": torch.zeros(32)}, path)
+    return path
+
+
+CASES = {
+    "output dir under a file": (lambda t: [f"training.output_dir={t / 'a_file' / 'run'}"],
+                                r"training.output_dir=.*a_file is a file, not a directory"),
+    "unwritable output dir": (lambda t: ["training.output_dir=/proc/vir-run"],
+                              r"training.output_dir=/proc/vir-run cannot be written"),
+    "quantised full fine-tuning": (lambda t: ["training=stage2_full", "model.llm.quantization=nf4"],
+                                   r"model.llm.quantization=nf4 .*stage2_lora \(QLoRA\), not stage2_full"),
+    "plain template in stage 2": (lambda t: ["data.template=plain"],
+                                  r"data.template=plain .* training.mode=stage2_lora .* use data.template=llama3"),
+    "no global batch": (lambda t: ["training.global_batch_size=0"], r"training.global_batch_size=0 must be >= 1"),
+    "projector of another model": (lambda t: [f"model.pretrained_projector={_wrong_projector(t)}"],
+                                   r"model.pretrained_projector=.* does not fit this model .*vision width 32"),
+    "bf16 and fp16": (lambda t: ["training.bf16=true", "training.fp16=true"], r"training.bf16 and training.fp16"),
+    "missing image folder": (lambda t: [f"data.image_folder={t / 'nowhere'}"],
+                             r"data.image_folder=.*nowhere is not a directory"),
+    "missing LLM directory": (lambda t: [f"model.llm.path={t / 'nowhere'}"],
+                              r"model.llm.path=.*nowhere is not a directory"),
+    "missing projector file": (lambda t: [f"model.pretrained_projector={t / 'none.bin'}"],
+                               r"model.pretrained_projector=.*none.bin: no such file"),
+    "missing checkpoint": (lambda t: [f"training.resume_from_checkpoint={t / 'checkpoint-9'}"],
+                           r"training.resume_from_checkpoint=.*checkpoint-9: no such directory"),
+    "LoRA with a trained tower": (lambda t: ["model.vision_tower.freeze=false"],
+                                  r"stage2_lora cannot train the vision tower"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_config_mistake_is_one_line_before_any_model_loads(case, bases, tmp_path, monkeypatch, capsys):
+    (tmp_path / "a_file").write_text("not a directory")
+    extra, message = CASES[case]
+    overrides = run_overrides(bases, tmp_path / "run", "stage2_lora", *extra(tmp_path))
+    err = _fails(monkeypatch, capsys, overrides)
+    assert re.search(message, err), err
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_the_output_dir_probe_leaves_nothing_behind(tmp_path):
+    from vir.training.preflight import check_output_dir
+
+    check_output_dir(str(tmp_path / "a" / "b" / "run"))
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "kept").mkdir()
+    check_output_dir(str(tmp_path / "kept"))
+    assert (tmp_path / "kept").is_dir() and list((tmp_path / "kept").iterdir()) == []
