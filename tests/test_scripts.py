@@ -30,5 +30,7 @@ def test_the_sbatch_script_starts_one_torchrun_per_node_with_slurms_rendezvous(t
     assert proc.returncode == 0, proc.stderr
     torchrun = next(line for line in log.read_text().splitlines() if line.startswith("torchrun"))
     for expected in ("--nnodes=2", "--nproc_per_node=8", "--rdzv_id=4242", "--rdzv_backend=c10d",
-                     "--rdzv_endpoint=node-a:29500", "-m vir.cli.train experiment=cloud_scale data.train_path=/data/x.json"):
+                     "--rdzv_endpoint=node-a:29500",
+                     "-m vir.cli.train training.resume_from_checkpoint=auto experiment=cloud_scale "
+                     "data.train_path=/data/x.json"):
         assert expected in torchrun, (expected, torchrun)

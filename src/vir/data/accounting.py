@@ -16,6 +16,8 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from vir.utils.errors import UserError
+
 EVENTS = ("trained", "truncated", "skipped", "images_ok", "images_missing", "images_corrupt", "images_refused",
           "images_too_large")
 EVENT_CODE = {name: code for code, name in enumerate(EVENTS)}
@@ -54,7 +56,7 @@ class RecordLedger:
         """Start from a checkpoint's ledger (the main process's holds the run's total so far)."""
         counts = np.load(path, allow_pickle=False)
         if counts.shape != self.counts.shape:
-            raise ValueError(f"{path}: a ledger of shape {counts.shape}, this data set needs {self.counts.shape} "
+            raise UserError(f"{path}: a ledger of shape {counts.shape}, this data set needs {self.counts.shape} "
                              "(the checkpoint was trained on another data file)")
         self.counts = counts
 

@@ -23,6 +23,7 @@ from vir.data.counters import SharedCounters
 from vir.data.images import IMAGE_ASPECT_RATIOS, IMAGE_OK, black_image, load_image, preprocess_images
 from vir.data.records import DataFileError, RecordStore, read_raw_records
 from vir.data.templates import TruncationResult, build_example, get_template, truncate_example
+from vir.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ class LazySupervisedDataset(Dataset):
         if not self.data_path.is_file():
             raise FileNotFoundError(f"data file not found: {self.data_path}")
         if image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
-            raise ValueError(f"unknown image_aspect_ratio {image_aspect_ratio!r} (data.image_aspect_ratio); "
+            raise UserError(f"unknown image_aspect_ratio {image_aspect_ratio!r} (data.image_aspect_ratio); "
                              f"choices: {list(IMAGE_ASPECT_RATIOS)}")
         if num_image_tokens < 1:
             raise ValueError(f"num_image_tokens must be >= 1, got {num_image_tokens}")
@@ -122,7 +123,7 @@ class LazySupervisedDataset(Dataset):
         key = f"{split}_path"
         path = getattr(data_cfg, key)
         if not path:
-            raise ValueError(f"data.{key} is not set: pass data.{key}=/path/to/records.json")
+            raise UserError(f"data.{key} is not set: pass data.{key}=/path/to/records.json")
         if Path(path).is_dir():
             raise DataFileError(f"data.{key}={path} is a directory: name the JSON or JSONL file of records in it")
         if not Path(path).is_file():

@@ -110,11 +110,14 @@ def build_model_config(
 ) -> LlavaLlamaConfig:
     """The LlavaLlamaConfig for `model_cfg`: LLM shape from `model.llm.path`'s config.json (else the size
     fields), vision shape from `model.vision_tower.path` (else the size fields), token ids from `tokenizer`."""
-    check_projector_type(model_cfg.projector_type, key="model.projector_type")
-    check_select_feature(model_cfg.vision_tower.select_feature, key="model.vision_tower.select_feature")
+    try:
+        check_projector_type(model_cfg.projector_type, key="model.projector_type")
+        check_select_feature(model_cfg.vision_tower.select_feature, key="model.vision_tower.select_feature")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     image_token_id = tokenizer.convert_tokens_to_ids(model_cfg.image_token)
     if image_token_id is None or image_token_id == tokenizer.unk_token_id:
-        raise ValueError(f"the tokenizer has no {model_cfg.image_token!r} token (model.image_token); "
+        raise ConfigError(f"the tokenizer has no {model_cfg.image_token!r} token (model.image_token); "
                          "run it through prepare_tokenizer (build_tokenizer does)")
     source = _read_llm_config(model_cfg.llm.path) if model_cfg.llm.path else None
     text_fields = _text_fields(source) if source is not None else llm_fields_from_sizes(model_cfg.llm)
@@ -134,7 +137,10 @@ def build_model_config(
         "image_aspect_ratio": image_aspect_ratio,
         "tokenizer_model_max_length": model_cfg.model_max_length,
     }
-    return LlavaLlamaConfig(**{**text_fields, **multimodal_fields})
+    try:
+        return LlavaLlamaConfig(**{**text_fields, **multimodal_fields})
+    except ValueError as err:  # the shapes and options the user chose do not fit together
+        raise ConfigError(str(err)) from None
 
 
 def build_model(
@@ -154,7 +160,7 @@ def build_model(
     quantized = quantization_config(model_cfg.llm, dtype)
     if model_cfg.llm.path is None:
         if quantized is not None:
-            raise ValueError(f"model.llm.quantization={model_cfg.llm.quantization} quantizes a checkpoint as it "
+            raise ConfigError(f"model.llm.quantization={model_cfg.llm.quantization} quantizes a checkpoint as it "
                              "loads: set model.llm.path to a local Llama directory")
         model = LlavaLlamaForCausalLM._from_config(config, dtype=dtype, attn_implementation=attn)
     else:
@@ -210,7 +216,7 @@ def build_inputs(cfg: Any) -> Tuple[PreTrainedTokenizerBase, CLIPImageProcessorP
     image_processor = build_image_processor(cfg.model)
     crop, tower_size = image_processor.crop_size, config.vision_config.image_size
     if (crop["height"], crop["width"]) != (tower_size, tower_size):
-        raise ValueError(f"the image processor crops to {crop['height']}x{crop['width']} but the vision tower "
+        raise ConfigError(f"the image processor crops to {crop['height']}x{crop['width']} but the vision tower "
                          f"expects {tower_size}x{tower_size} (model.vision_tower.image_size / .path)")
     return tokenizer, image_processor, config
 
@@ -251,7 +257,7 @@ def _read_llm_config(path: Any) -> PreTrainedConfig:
         raise FileNotFoundError(f"model.llm.path={path} has no config.json; point it at a saved HF Llama model")
     config = AutoConfig.from_pretrained(str(directory))
     if config.model_type not in ("llama", LlavaLlamaConfig.model_type):
-        raise ValueError(f"model.llm.path={path} holds a {config.model_type!r} model; only Llama models are supported")
+        raise ConfigError(f"model.llm.path={path} holds a {config.model_type!r} model; only Llama models are supported")
     return config
 
 
@@ -300,5 +306,5 @@ def vision_config_from_sizes(tower_cfg: Any) -> CLIPVisionConfig:
 
 def _dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r} (model.llm.dtype); choose one of {', '.join(DTYPES)}")
+        raise ConfigError(f"unknown dtype {name!r} (model.llm.dtype); choose one of {', '.join(DTYPES)}")
     return DTYPES[name]

@@ -16,6 +16,7 @@ from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from vir.models.configuration import LlavaLlamaConfig, check_select_feature
+from vir.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class CLIPVisionTower(nn.Module):
         loaded = _load_clip_vision(path, key=key, dtype=self.dtype)
         result = self.vision_tower.load_state_dict(loaded.state_dict(), strict=False)
         if result.missing_keys or result.unexpected_keys:
-            raise ValueError(
+            raise UserError(
                 f"{key}={path} does not match the configured vision tower: "
                 f"missing {sorted(result.missing_keys)}, unexpected {sorted(result.unexpected_keys)}"
             )

@@ -16,6 +16,8 @@ from typing import Any, Dict
 import torch
 from torch import nn
 
+from vir.utils.config import ConfigError
+
 logger = logging.getLogger(__name__)
 
 QUANTIZATIONS = ("none", "nf4", "int8")
@@ -28,7 +30,7 @@ def quantization_config(llm_cfg: Any, compute_dtype: torch.dtype):
     `compute_dtype` (the LLM's dtype) matmuls, or LLM.int8."""
     kind = getattr(llm_cfg, "quantization", "none")
     if kind not in QUANTIZATIONS:
-        raise ValueError(f"model.llm.quantization={kind!r} is not one of {', '.join(QUANTIZATIONS)}")
+        raise ConfigError(f"model.llm.quantization={kind!r} is not one of {', '.join(QUANTIZATIONS)}")
     if kind == "none":
         return None
     from transformers import BitsAndBytesConfig

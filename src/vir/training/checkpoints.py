@@ -98,6 +98,23 @@ def _comparable(cfg: DictConfig | dict) -> dict:
     return container
 
 
+def config_changes(saved: Path, cfg: DictConfig) -> List[str]:
+    """`key: old -> new` for every leaf where the config saved at `saved` differs from `cfg`."""
+    old, new = _flat(_comparable(OmegaConf.load(saved))), _flat(_comparable(cfg))
+    return [f"{key}: {old.get(key, '(absent)')} -> {new.get(key, '(absent)')}"
+            for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)]
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def finished_run(output_dir: Path, cfg: DictConfig, config_file: str) -> Optional[dict]:
     """The completion record of a run that already ended in `output_dir` with this very config, else None."""
     marker, saved = output_dir / COMPLETE_FILE, output_dir / config_file

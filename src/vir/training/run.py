@@ -22,7 +22,7 @@ from vir.models.builder import build_inputs, build_model
 from vir.models.checkpoint import RUN_CONFIG_FILE
 from vir.training.batching import batch_layout
 from vir.training.callbacks import CurvesCallback, DataStatsCallback, SampleVisualizerCallback
-from vir.training.checkpoints import clear_finished, finished_run, mark_finished, resume_target
+from vir.training.checkpoints import clear_finished, config_changes, finished_run, mark_finished, resume_target
 from vir.training.deepspeed_config import deepspeed_arguments
 from vir.training.distributed import run_state
 from vir.training.modes import apply_training_mode
@@ -103,6 +103,10 @@ def run_training(cfg: DictConfig, visualizer_samples: Optional[list] = None) -> 
     check_run(cfg)
     output_dir = Path(cfg.training.output_dir)
     resume = resume_target(cfg.training.resume_from_checkpoint, output_dir)
+    if resume and (Path(resume) / RUN_CONFIG_FILE).is_file():
+        changes = config_changes(Path(resume) / RUN_CONFIG_FILE, cfg)
+        if changes:
+            logger.warning("resuming %s, which was trained with another config: %s", resume, "; ".join(changes))
     if cfg.training.resume_from_checkpoint == "auto":
         done = finished_run(output_dir, cfg, RUN_CONFIG_FILE)
         if done is not None:
