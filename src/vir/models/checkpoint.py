@@ -28,6 +28,7 @@ from vir.models.builder import build_model
 from vir.models.llava_arch import LlavaLlamaForCausalLM
 from vir.models.projector import PROJECTOR_FILE, load_projector_state_dict, save_projector
 from vir.models.quantization import is_quantized
+from vir.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def write_run_artifacts(
 
 
 def load_run(
-    run_dir: PathLike, merge_adapter: bool = False, device: Optional[str] = None
+    run_dir: PathLike, merge_adapter: bool = False, device: Optional[str] = None, dequantize: bool = False
 ) -> Tuple[torch.nn.Module, PreTrainedTokenizerBase, CLIPImageProcessorPil, DictConfig]:
     """(model, tokenizer, image_processor, run_config) from a run directory or `checkpoint-N/`, in eval mode,
     on `device` (default: the GPU when there is one, else the CPU).
@@ -73,6 +74,8 @@ def load_run(
     Full-weight runs load with `from_pretrained`; adapter and projector-only runs are rebuilt from the base
     model the run config names, then get `mm_projector.bin` and the peft adapter on top. With
     `merge_adapter`, LoRA is merged into the base weights and a plain LlavaLlamaForCausalLM is returned.
+    With `dequantize`, a QLoRA run's 4/8-bit base is turned back into `model.llm.dtype` weights (the values the
+    adapter trained against, de-quantised) before the adapter goes on: merging then folds LoRA in exactly.
     """
     run = Path(run_dir)
     config_file = run / RUN_CONFIG_FILE
@@ -89,6 +92,9 @@ def load_run(
         model_cfg.pretrained_projector = None
         model = build_model(model_cfg, tokenizer, image_aspect_ratio=run_config.data.image_aspect_ratio)
         load_projector_state_dict(model, run / PROJECTOR_FILE)
+        if dequantize and is_quantized(model):
+            model = model.dequantize()
+            logger.info("de-quantised the %s base of %s", model_cfg.llm.quantization, run)
         if (run / ADAPTER_CONFIG_FILE).is_file():
             from peft import PeftModel
 
@@ -105,7 +111,7 @@ def _require_base(model_cfg: DictConfig, run: Path) -> None:
     missing = [key for key, value in (("model.llm.path", model_cfg.llm.path),
                                       ("model.vision_tower.path", model_cfg.vision_tower.path)) if not value]
     if missing:
-        raise ValueError(
+        raise UserError(
             f"{run} holds no full weights and its config has no {' / '.join(missing)}: the base model it was "
             "trained from cannot be rebuilt. Train from local base directories, or use training.mode=stage2_full."
         )

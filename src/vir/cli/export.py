@@ -1,0 +1,41 @@
+"""`vir-export RUN_DIR OUT_DIR`: a run (or `checkpoint-N/`) as a transformers `LlavaForConditionalGeneration`
+directory that plain transformers, vLLM and SGLang load: LoRA merged (a QLoRA run into its de-quantised base),
+safetensors sharded past `--max-shard-size`, the processor with the training chat template, and a model card.
+
+    vir-export runs/my_run exports/my_run
+    vir-export runs/my_run exports/my_run_adapter --no-merge     # base + projector, adapter/ beside it
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from vir.export.hf_llava import DEFAULT_MAX_SHARD_SIZE, export_hf_llava
+from vir.utils.errors import UserError
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="vir-export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", help="a run directory or one of its checkpoint-N/ folders")
+    parser.add_argument("out_dir", help="the directory to write (created)")
+    parser.add_argument("--no-merge", action="store_true", help="keep the LoRA adapter apart, in OUT_DIR/adapter/")
+    parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="e.g. 5GB (the default), 500MB")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="cast the weights (default: keep the run's dtype)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    try:
+        out = export_hf_llava(args.run_dir, args.out_dir, merge=not args.no_merge,
+                              max_shard_size=args.max_shard_size, dtype=args.dtype)
+    except (UserError, FileNotFoundError) as err:
+        print(f"vir-export: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(f"wrote {out} (LlavaForConditionalGeneration; see {out}/README.md)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""A run directory -> a transformers `LlavaForConditionalGeneration` directory (what vLLM and SGLang serve).
+
+    export_hf_llava("runs/my_run", "exports/my_run")     # LoRA merged, safetensors, processor, model card
+
+The weights are renamed, never changed (`hf_state_dict`): the LLM under `model.language_model.*`, the CLIP tower
+under `model.vision_tower.*`, the projector's two linear layers under `model.multi_modal_projector.linear_1/2`.
+The processor is transformers' own: a `LlavaImageProcessorPil` that pads to a square with the mean colour
+(`do_pad`, LLaVA-1.5's `pad`) or centre-crops (`crop`), the run's tokenizer, and a chat template that renders
+what training rendered (`vir.export.chat_template`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Dict, Optional, Union
+
+import torch
+from omegaconf import DictConfig
+from transformers import (
+    GenerationConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
+from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+from vir.data.templates import EOT
+from vir.export.card import write_model_card
+from vir.export.chat_template import llama3_chat_template, plain_chat_template
+from vir.models.checkpoint import ADAPTER_CONFIG_FILE, load_run
+from vir.models.configuration import LlavaLlamaConfig
+from vir.utils.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, Path]
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+_PROJECTOR_LAYERS = {"0": "linear_1", "2": "linear_2"}
+_TOWER_PREFIX = "model.vision_tower.vision_tower."
+
+
+class ExportError(UserError):
+    """A run that this export format cannot express; the message says what and what to do."""
+
+
+def hf_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Our `LlavaLlamaForCausalLM` keys -> `LlavaForConditionalGeneration` keys (same tensors; pure)."""
+    out = {}
+    for key, tensor in state_dict.items():
+        if key.startswith(_TOWER_PREFIX):
+            new = "model.vision_tower." + key[len(_TOWER_PREFIX):]
+        elif key.startswith("model.mm_projector."):
+            layer, _, param = key[len("model.mm_projector."):].partition(".")
+            if layer not in _PROJECTOR_LAYERS:
+                raise ExportError(f"projector layer {layer!r} has no place in LlavaMultiModalProjector")
+            new = f"model.multi_modal_projector.{_PROJECTOR_LAYERS[layer]}.{param}"
+        elif key.startswith("model."):
+            new = "model.language_model." + key[len("model."):]
+        elif key == "lm_head.weight":
+            new = key
+        else:
+            raise ExportError(f"unexpected weight {key!r}: not part of a LLaVA model")
+        out[new] = tensor
+    return out
+
+
+def hf_llava_config(config: LlavaLlamaConfig) -> LlavaConfig:
+    """The `LlavaConfig` of our config: text and vision shapes, image token, feature layer and strategy."""
+    if config.mm_projector_type != "mlp2x_gelu":
+        raise ExportError(f"model.projector_type={config.mm_projector_type}: transformers' Llava has one projector, "
+                          "Linear -> GELU -> Linear (mlp2x_gelu); export with --format llava instead")
+    text = {k: v for k, v in config.to_dict().items() if k in LlamaConfig().to_dict() and k != "model_type"}
+    for key in ("architectures", "transformers_version", "_name_or_path", "dtype", "torch_dtype"):
+        text.pop(key, None)
+    text_config = LlamaConfig(**text)
+    return LlavaConfig(
+        vision_config=config.vision_config.to_dict(),
+        text_config=text_config.to_dict(),
+        image_token_index=config.image_token_id,
+        image_seq_length=config.num_image_tokens,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default" if config.mm_vision_select_feature == "patch" else "full",
+        vision_feature_layer=config.mm_vision_select_layer,
+        multimodal_projector_bias=True,
+        tie_word_embeddings=bool(config.tie_word_embeddings),
+    )
+
+
+def hf_processor(tokenizer, image_processor, config: LlavaLlamaConfig, run_config: DictConfig) -> LlavaProcessor:
+    """transformers' `LlavaProcessor` doing what our data pipeline does (see module doc)."""
+    data = run_config.data
+    image_llava = LlavaImageProcessorPil(
+        size=dict(image_processor.size), crop_size=dict(image_processor.crop_size),
+        image_mean=list(image_processor.image_mean), image_std=list(image_processor.image_std),
+        resample=image_processor.resample, do_pad=data.image_aspect_ratio == "pad", do_convert_rgb=True,
+    )
+    image_token = run_config.model.image_token
+    template = (plain_chat_template(image_token) if data.template == "plain"
+                else llama3_chat_template(data.system_prompt, image_token))
+    tokenizer.chat_template = template
+    select = "default" if config.mm_vision_select_feature == "patch" else "full"
+    return LlavaProcessor(image_processor=image_llava, tokenizer=tokenizer, patch_size=config.vision_config.patch_size,
+                          vision_feature_select_strategy=select, chat_template=template, image_token=image_token,
+                          num_additional_image_tokens=1)
+
+
+def export_hf_llava(run_dir: PathLike, out_dir: PathLike, merge: bool = True,
+                    max_shard_size: str = DEFAULT_MAX_SHARD_SIZE, dtype: Optional[str] = None) -> Path:
+    """Write `out_dir` loadable by `LlavaForConditionalGeneration` / `AutoProcessor.from_pretrained` (see
+    module doc). `merge=False` writes the base with the run's projector and the peft adapter beside it in
+    `adapter/` (keys renamed to the exported model's). `dtype` (`float32`, `bfloat16`, ...) casts the weights;
+    by default they keep the run's dtype. Returns `out_dir`."""
+    run, out = Path(run_dir), Path(out_dir)
+    if out.resolve() == run.resolve():
+        raise ExportError(f"the export directory {out} is the run directory: choose another")
+    model, tokenizer, image_processor, run_config = load_run(run, merge_adapter=merge, device="cpu",
+                                                             dequantize=True)
+    has_adapter = hasattr(model, "peft_config")
+    base = model.get_base_model() if has_adapter else model
+    config = base.config
+    state = {k: v for k, v in base.state_dict().items() if "lora_" not in k}
+    state = {re.sub(r"\.base_layer\.", ".", k): v for k, v in state.items()}
+    hf_config = hf_llava_config(config)
+    with torch.device("meta"):
+        hf_model = LlavaForConditionalGeneration(hf_config)
+    renamed = hf_state_dict(state)
+    if dtype:
+        renamed = {k: v.to(getattr(torch, dtype)) if v.is_floating_point() else v for k, v in renamed.items()}
+    missing = set(hf_model.state_dict()) - set(renamed)
+    if missing:
+        raise ExportError(f"the run's weights lack {sorted(missing)[:5]} for LlavaForConditionalGeneration")
+    hf_model.load_state_dict(renamed, strict=True, assign=True)
+    hf_model.generation_config = _generation_config(tokenizer)
+    out.mkdir(parents=True, exist_ok=True)
+    hf_model.save_pretrained(str(out), max_shard_size=max_shard_size)
+    processor = hf_processor(tokenizer, image_processor, config, run_config)
+    processor.save_pretrained(str(out))
+    # transformers 5 keeps the image processor inside processor_config.json; servers on older transformers
+    # (vLLM, SGLang) read preprocessor_config.json: write both.
+    processor.image_processor.save_pretrained(str(out))
+    if has_adapter:
+        _write_adapter(model, out / "adapter")
+    quantization = run_config.model.llm.quantization
+    write_model_card(out, run, run_config, merged=merge and (run / ADAPTER_CONFIG_FILE).is_file(),
+                     dequantized=quantization != "none", aspect_ratio=run_config.data.image_aspect_ratio)
+    logger.info("exported %s -> %s (LlavaForConditionalGeneration)", run, out)
+    return out
+
+
+def _generation_config(tokenizer) -> GenerationConfig:
+    """Greedy by default; stops at `<|eot_id|>` (the end of a turn) and at the tokenizer's eos."""
+    stops = [tokenizer.eos_token_id]
+    eot = tokenizer.convert_tokens_to_ids(EOT)
+    if eot is not None and eot != tokenizer.unk_token_id and eot not in stops:
+        stops.append(eot)
+    return GenerationConfig(do_sample=False, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
+                            bos_token_id=tokenizer.bos_token_id)
+
+
+def _write_adapter(peft_model, adapter_dir: Path) -> None:
+    """The peft adapter with its target names as the exported model has them (`model.language_model.*`)."""
+    peft_model.save_pretrained(str(adapter_dir), save_embedding_layers=False)
+    config_file = adapter_dir / ADAPTER_CONFIG_FILE
+    adapter_config = json.loads(config_file.read_text())
+    adapter_config["base_model_name_or_path"] = ".."
+    config_file.write_text(json.dumps(adapter_config, indent=2))
+    from safetensors.torch import load_file, save_file
+
+    weights = adapter_dir / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    renamed = {k.replace("base_model.model.model.", "base_model.model.model.language_model.", 1): v
+               for k, v in tensors.items()}
+    save_file(renamed, str(weights))
+

@@ -1,0 +1,126 @@
+"""`vir-export`: a LoRA run as transformers' `LlavaForConditionalGeneration`, loaded by plain transformers with
+`vir` unimportable (tests/hf_export_driver.py): same prompt ids as training's template, same pixels, logits
+within 1e-4 in fp32, the same greedy answers on the synthetic test split and on images the project never saw."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from training_fixtures import lora_run
+
+from vir.data.conversation import Message
+from vir.data.images import open_user_image, preprocess_images
+from vir.data.templates import build_generation_prompt
+from vir.inference.evaluate import evaluate, load_eval_items
+from vir.models.checkpoint import load_run
+
+DRIVER = Path(__file__).with_name("hf_export_driver.py")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return lora_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def exported(run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "hf"
+    done = subprocess.run([sys.executable, "-m", "vir.cli.export", str(run.output_dir), str(out),
+                           "--max-shard-size", "200KB"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def _odd_images(root: Path) -> list[Path]:
+    """Images the project never made: odd sizes, greyscale, RGBA, a JPEG."""
+    rng = np.random.default_rng(3)
+    paths = []
+    for name, mode, size in (("odd.png", "RGB", (37, 53)), ("grey.png", "L", (64, 20)),
+                             ("alpha.png", "RGBA", (30, 30)), ("photo.jpg", "RGB", (90, 61))):
+        pixels = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(pixels, "RGB").convert(mode).save(root / name)
+        paths.append(root / name)
+    return paths
+
+
+def _hf(exported: Path, cases: list[dict], tmp_path: Path) -> dict:
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    out = tmp_path / "hf.pt"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, str(DRIVER), str(exported), str(tmp_path / "cases.json"), str(out)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(out, weights_only=False)
+
+
+def test_the_export_is_plain_transformers_with_sharded_safetensors_and_a_card(exported):
+    config = json.loads((exported / "config.json").read_text())
+    assert config["model_type"] == "llava" and config["architectures"] == ["LlavaForConditionalGeneration"]
+    assert config["image_seq_length"] == 16 and config["vision_feature_layer"] == -2
+    assert config["vision_feature_select_strategy"] == "default" and config["projector_hidden_act"] == "gelu"
+    shards = sorted(exported.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (exported / "model.safetensors.index.json").is_file()
+    assert not list(exported.glob("*.bin")) and "trust_remote_code" not in json.dumps(config)
+    processor = json.loads((exported / "processor_config.json").read_text())
+    assert processor["num_additional_image_tokens"] == 1 and processor["patch_size"] == 8
+    for image in (processor["image_processor"], json.loads((exported / "preprocessor_config.json").read_text())):
+        assert image["do_pad"] is True and image["image_processor_type"] == "LlavaImageProcessor"
+    card = (exported / "README.md").read_text()
+    assert "LoRA adapter is merged" in card and "do_pad" in card and "training.mode" not in card
+    assert "mode: stage2_lora" in card
+
+
+def test_plain_transformers_computes_what_the_run_computes(run, exported, tmp_path):
+    model, tokenizer, processor, run_config = load_run(run.output_dir, merge_adapter=True, device="cpu")
+    data = run.cfg.data
+    items = load_eval_items(data.test_path or data.eval_path, data.image_folder)
+    test_images = [item.query.images for item in items]
+    odd = _odd_images(tmp_path)
+    cases = [{"name": f"test{k}", "images": [str(Path(data.image_folder) / p) for p in item_paths],
+              "question": item.query.messages[-1].content.replace("<image>", "").strip()}
+             for k, (item, item_paths) in enumerate(zip(items, [_paths(data, i) for i in range(len(items))]))]
+    cases += [{"name": f"odd_{p.stem}", "images": [str(p)], "question": "What is in the picture?"} for p in odd]
+    cases += [{"name": "two_images", "images": [str(odd[0]), str(odd[1])], "question": "Which is brighter?"},
+              {"name": "text_only", "images": [], "question": "What is two plus two?"}]
+    hf = _hf(exported, cases, tmp_path)
+    assert hf["image_processor"] == "LlavaImageProcessorPil"
+
+    config = model.config
+    for case in cases:
+        images = [open_user_image(p) for p in case["images"]]
+        text = "".join("<image>\n" for _ in images) + case["question"]
+        ids = build_generation_prompt([Message("user", text)], tokenizer, "llama3", config.image_token_id,
+                                      config.num_image_tokens)
+        got = hf[case["name"]]
+        assert got["input_ids"].tolist() == ids, case["name"]  # the chat template renders training's ids
+        kwargs = {}
+        if images:
+            pixels = preprocess_images(images, processor, run_config.data.image_aspect_ratio)
+            assert torch.allclose(got["pixel_values"], pixels, atol=1e-5), case["name"]
+            kwargs["pixel_values"] = pixels
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids]), **kwargs).logits[0]
+        assert (logits - got["logits"]).abs().max() < 1e-4, case["name"]
+        ours = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=8, do_sample=False,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **kwargs)
+        theirs = got["generated"].tolist()
+        assert ours[0, len(ids):].tolist()[:len(theirs)] == theirs, case["name"]
+
+    # The synthetic test split: the export's answers are vir-eval's, so its accuracy is too.
+    ours = evaluate(model, tokenizer, processor, items, max_new_tokens=8, progress=False)
+    assert [row["prediction"] for row in ours.predictions] == [hf[f"test{k}"]["answer"] for k in range(len(items))]
+    assert len(test_images) == len(items)
+
+
+def _paths(data, index: int) -> list[str]:
+    record = json.loads(Path(data.test_path or data.eval_path).read_text())[index]
+    image = record.get("image")
+    return [] if image is None else [image] if isinstance(image, str) else list(image)
