@@ -4,6 +4,7 @@ safetensors sharded past `--max-shard-size`, the processor with the training cha
 
     vir-export runs/my_run exports/my_run
     vir-export runs/my_run exports/my_run_adapter --no-merge     # base + projector, adapter/ beside it
+    vir-export runs/my_run exports/my_run_llava --format llava   # LLaVA's own layout (llava_llama, mm_projector.bin)
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import sys
 
 from vir.export.hf_llava import DEFAULT_MAX_SHARD_SIZE, export_hf_llava
+from vir.export.merge import export_llava_original
 from vir.utils.errors import UserError
 
 
@@ -21,6 +23,9 @@ def main(argv=None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", help="a run directory or one of its checkpoint-N/ folders")
     parser.add_argument("out_dir", help="the directory to write (created)")
+    parser.add_argument("--format", default="hf", choices=["hf", "llava"],
+                        help="hf: transformers' LlavaForConditionalGeneration (vLLM, SGLang); llava: LLaVA's original "
+                             "llava_llama layout with mm_projector.bin and the tower in vision_tower/")
     parser.add_argument("--no-merge", action="store_true", help="keep the LoRA adapter apart, in OUT_DIR/adapter/")
     parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="e.g. 5GB (the default), 500MB")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
@@ -28,13 +33,19 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    if args.format == "llava" and (args.no_merge or args.dtype):
+        parser.error("--format llava writes merged weights in the run's dtype (no --no-merge, no --dtype)")
     try:
-        out = export_hf_llava(args.run_dir, args.out_dir, merge=not args.no_merge,
-                              max_shard_size=args.max_shard_size, dtype=args.dtype)
+        if args.format == "llava":
+            out = export_llava_original(args.run_dir, args.out_dir, max_shard_size=args.max_shard_size)
+        else:
+            out = export_hf_llava(args.run_dir, args.out_dir, merge=not args.no_merge,
+                                  max_shard_size=args.max_shard_size, dtype=args.dtype)
     except (UserError, FileNotFoundError) as err:
         print(f"vir-export: {err}", file=sys.stderr)
         sys.exit(2)
-    print(f"wrote {out} (LlavaForConditionalGeneration; see {out}/README.md)")
+    kind = "LLaVA's llava_llama layout" if args.format == "llava" else "LlavaForConditionalGeneration"
+    print(f"wrote {out} ({kind}; see {out}/README.md)")
 
 
 if __name__ == "__main__":

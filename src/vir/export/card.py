@@ -15,11 +15,37 @@ _PAD_NOTE = {
 
 
 def write_model_card(out: Path, run: Path, run_config: DictConfig, merged: bool, dequantized: bool,
-                     aspect_ratio: str) -> Path:
-    """Write `out/README.md` with the run's config, data stats and metrics (when the run has them)."""
+                     aspect_ratio: str, layout: str = "hf") -> Path:
+    """Write `out/README.md` with the run's config, data stats and metrics (when the run has them). `layout`:
+    `hf` (transformers' Llava) or `vir` (our own run format: a merged checkpoint, LLaVA's original layout)."""
     metrics = _json(run / "metrics.json") or _json(run.parent / "metrics.json")
     stats = _json(run / "data_stats.json")
-    lines = [
+    lines = _vir_usage(run) if layout == "vir" else _hf_usage(run)
+    if layout == "hf":
+        lines.append("- " + _PAD_NOTE[aspect_ratio])
+        lines.append("- The chat template is the one the model was trained with (Llama-3, the image before the "
+                     "question). It starts with `<|begin_of_text|>`: when you tokenize a rendered prompt yourself, "
+                     "pass `add_special_tokens=False`.")
+    if merged:
+        lines.append("- The LoRA adapter is merged into the weights"
+                     + (" of the de-quantised base (the QLoRA run trained on 4/8-bit weights; these are those "
+                        "weights de-quantised, so outputs can differ slightly from the quantised model)."
+                        if dequantized else "."))
+    elif (out / "adapter").is_dir():
+        lines.append("- `adapter/` holds the LoRA adapter (peft) for these base weights; they are not merged.")
+    if metrics:
+        lines += ["", "## Metrics", "", "```json", json.dumps(_scores(metrics), indent=2), "```"]
+    if stats:
+        lines += ["", "## Training data", "", "```json",
+                  json.dumps({k: v for k, v in stats.items() if isinstance(v, (int, float))}, indent=2), "```"]
+    lines += ["", "## Training config", "", "```yaml", OmegaConf.to_yaml(run_config, resolve=True).rstrip(), "```", ""]
+    path = out / "README.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _hf_usage(run: Path) -> list:
+    return [
         f"# {run.name} (exported by vir)",
         "",
         f"A LLaVA-1.5-style model fine-tuned with `vir` (`{run}`), as transformers' `LlavaForConditionalGeneration`.",
@@ -38,27 +64,20 @@ def write_model_card(out: Path, run: Path, run_config: DictConfig, merged: bool,
         "",
         "Serve it with vLLM: `vllm serve PATH` (or `LLM(model=PATH)` offline).",
         "",
-        "- " + _PAD_NOTE[aspect_ratio],
-        "- The chat template is the one the model was trained with (Llama-3, the image before the question). "
-        "It starts with `<|begin_of_text|>`: when you tokenize a rendered prompt yourself, pass "
-        "`add_special_tokens=False`.",
     ]
-    if merged:
-        lines.append("- The LoRA adapter is merged into the weights"
-                     + (" of the de-quantised base (the QLoRA run trained on 4/8-bit weights; these are those "
-                        "weights de-quantised, so outputs can differ slightly from the quantised model)."
-                        if dequantized else "."))
-    elif (out / "adapter").is_dir():
-        lines.append("- `adapter/` holds the LoRA adapter (peft) for these base weights; they are not merged.")
-    if metrics:
-        lines += ["", "## Metrics", "", "```json", json.dumps(_scores(metrics), indent=2), "```"]
-    if stats:
-        lines += ["", "## Training data", "", "```json",
-                  json.dumps({k: v for k, v in stats.items() if isinstance(v, (int, float))}, indent=2), "```"]
-    lines += ["", "## Training config", "", "```yaml", OmegaConf.to_yaml(run_config, resolve=True).rstrip(), "```", ""]
-    path = out / "README.md"
-    path.write_text("\n".join(lines))
-    return path
+
+
+def _vir_usage(run: Path) -> list:
+    return [
+        f"# {run.name} (merged by vir)",
+        "",
+        f"`{run}` as one stand-alone checkpoint: full weights, `mm_projector.bin`, tokenizer, image processor and",
+        "`vir_config.yaml`. `vir-eval PATH`, `vir-chat PATH` and `vir.models.checkpoint.load_run(PATH)` load it;",
+        "its `config.json` (`model_type` llava_llama, the `mm_*` fields) and key names are LLaVA's own.",
+        "",
+        "- Images are padded to a square with the mean colour (`image_aspect_ratio`: pad) or centre-cropped "
+        "(crop), as the config says; vir's loaders do it.",
+    ]
 
 
 def _json(path: Path):
