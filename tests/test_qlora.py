@@ -14,11 +14,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from training_fixtures import LLM_SIZES, run_config, tiny_bases, train
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlavaForConditionalGeneration
 
 pytest.importorskip("bitsandbytes")
 
 from vir.cli.chat import ChatSession  # noqa: E402
+from vir.export.hf_llava import export_hf_llava  # noqa: E402
+from vir.export.merge import merge_run  # noqa: E402
 from vir.inference.evaluate import evaluate_run, load_eval_items  # noqa: E402
 from vir.models.builder import build_all  # noqa: E402
 from vir.models.checkpoint import load_run  # noqa: E402
@@ -109,6 +111,18 @@ def test_qlora_trains_saves_and_reloads_for_eval_and_chat(bases, tmp_path):
     session = ChatSession(model, tokenizer, processor, run_cfg, max_new_tokens=3)
     session.reset(item.query.images[0])
     assert isinstance(session.ask("How many objects are there?"), str)
+
+    # Merged and exported: LoRA folds into the de-quantised base (the values the 4-bit matmuls used), and says so.
+    merged_dir, hf_dir = merge_run(out, tmp_path / "merged"), export_hf_llava(out, tmp_path / "hf")
+    merged, *_ = load_run(merged_dir, device="cpu")
+    exported = LlavaForConditionalGeneration.from_pretrained(str(hf_dir)).eval()
+    assert not is_quantized(merged) and "de-quantised base" in (hf_dir / "README.md").read_text()
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits.float()
+        for other in (merged(input_ids=ids).logits.float(), exported(input_ids=ids).logits.float()):
+            # bf16: the merge rounds base + LoRA once more than the adapter's separate matmuls do
+            torch.testing.assert_close(other, reference, atol=5e-2, rtol=5e-2)
+            assert (other.argmax(-1) == reference.argmax(-1)).float().mean() > 0.9
 
 
 @pytest.mark.slow
