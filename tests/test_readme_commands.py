@@ -33,8 +33,9 @@ from vir.utils.config import compose_config
 
 COMMANDS = readme_commands()
 HYDRA_COMMANDS = [c for c in COMMANDS if c.program in HYDRA_PROGRAMS]
-ARGPARSE_COMMANDS = [c for c in COMMANDS + inline_commands() if c.program in ("vir-eval", "vir-chat")]
-MODULES = {"vir-eval": "vir.cli.eval", "vir-chat": "vir.cli.chat"}
+MODULES = {"vir-eval": "vir.cli.eval", "vir-chat": "vir.cli.chat", "vir-export": "vir.cli.export",
+           "vir-merge": "vir.cli.merge"}
+ARGPARSE_COMMANDS = [c for c in COMMANDS + inline_commands() if c.program in MODULES]
 
 
 def _ids(commands):
@@ -79,7 +80,7 @@ def test_the_readme_has_the_commands_this_file_checks():
     programs = [c.program for c in COMMANDS]
     assert programs.count("vir-validate") >= 1, programs
     assert programs.count("vir-train") >= 2, programs
-    assert {c.program for c in ARGPARSE_COMMANDS} == {"vir-eval", "vir-chat"}, ARGPARSE_COMMANDS
+    assert {c.program for c in ARGPARSE_COMMANDS} == set(MODULES), ARGPARSE_COMMANDS
 
 
 def test_every_readme_command_is_an_installed_console_script():
@@ -176,7 +177,7 @@ def test_validate_command_checks_the_stage2_data_with_the_same_models(tmp_path):
     assert cfg.validate.split == "train" and cfg.validate.dump_dir == str(tmp_path / "tmp" / "check")
 
 
-# ------------------------------------------------------------------------- argparse commands: vir-eval, vir-chat
+# ------------------------------------------------- argparse commands: vir-eval, vir-chat, vir-export, vir-merge
 
 
 @pytest.fixture(scope="module")
@@ -203,10 +204,27 @@ def test_the_console_script_parses_the_command(command, monkeypatch, tmp_path, c
     """The real `main(argv)` with the model loading stubbed out: argparse accepts the README's arguments."""
     from vir.cli import chat
     from vir.cli import eval as eval_cli
+    from vir.cli import export as export_cli
+    from vir.cli import merge as merge_cli
 
     args = localized_args(command, tmp_path)
     seen = {}
-    if command.program == "vir-eval":
+    if command.program in ("vir-export", "vir-merge"):
+        def fake(run_dir, out_dir, **kwargs):
+            seen.update(run_dir=run_dir, out_dir=out_dir, **kwargs)
+            return out_dir
+
+        if command.program == "vir-merge":
+            monkeypatch.setattr(merge_cli, "merge_run", fake)
+            merge_cli.main(args)
+        else:
+            monkeypatch.setattr(export_cli, "export_hf_llava", fake)
+            monkeypatch.setattr(export_cli, "export_llava_original", lambda run, out, **kw: fake(run, out, llava=True))
+            export_cli.main(args)
+            assert seen.get("merge", True) is ("--no-merge" not in args)
+            assert seen.get("llava", False) is ("llava" in args)
+        assert (seen["run_dir"], seen["out_dir"]) == (args[0], args[1])
+    elif command.program == "vir-eval":
         def fake_evaluate_run(run_dir, **kwargs):
             seen.update(run_dir=run_dir, **kwargs)
             return {"accuracy": 0.0, "blind_accuracy": 0.0, "n": 0, "per_type": {}}

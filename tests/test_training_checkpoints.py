@@ -6,8 +6,15 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from vir.training.checkpoints import (STATE_FILE, config_changes, finished_run, mark_finished,
-                                      newest_complete_checkpoint, publish, resume_target)
+from vir.training.checkpoints import (
+    STATE_FILE,
+    config_changes,
+    finished_run,
+    mark_finished,
+    newest_complete_checkpoint,
+    publish,
+    resume_target,
+)
 from vir.utils.config import ConfigError, compose_config
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from pathlib import Path
 from typing import Any, Optional, Tuple
@@ -120,6 +121,12 @@ def build_model_config(
         raise ConfigError(f"the tokenizer has no {model_cfg.image_token!r} token (model.image_token); "
                          "run it through prepare_tokenizer (build_tokenizer does)")
     source = _read_llm_config(model_cfg.llm.path) if model_cfg.llm.path else None
+    if source is not None and source.model_type != "llama" and not model_cfg.vision_tower.path \
+            and not _has_vision_config(model_cfg.llm.path):
+        raise ConfigError(
+            f"model.llm.path={model_cfg.llm.path} is an original LLaVA checkpoint: its tower is named "
+            f"{getattr(source, 'mm_vision_tower', None)!r} (mm_vision_tower), not stored with it; set "
+            "model.vision_tower.path to a local copy of that CLIP model")
     text_fields = _text_fields(source) if source is not None else llm_fields_from_sizes(model_cfg.llm)
     vocab_size = len(tokenizer) if source is None else max(len(tokenizer), source.vocab_size)
     multimodal_fields = {
@@ -169,7 +176,8 @@ def build_model(
         load_config = copy.deepcopy(config)
         load_config.vocab_size = source.vocab_size
         placement = {} if quantized is None else {"quantization_config": quantized, "device_map": load_device_map()}
-        model = _load_llm(model_cfg.llm.path, load_config, source.model_type, dtype=dtype, attn_implementation=attn,
+        model = _load_llm(model_cfg.llm.path, load_config, source.model_type, bool(model_cfg.vision_tower.path),
+                          dtype=dtype, attn_implementation=attn,
                           **placement)
         resize_token_embeddings_mean_init(model, config.vocab_size)
         if quantized is not None:
@@ -189,15 +197,18 @@ def build_model(
 _MULTIMODAL_PREFIXES = ("model.vision_tower.", "model.mm_projector.")
 
 
-def _load_llm(path: Any, config: LlavaLlamaConfig, source_type: str, **kwargs: Any) -> LlavaLlamaForCausalLM:
+def _load_llm(path: Any, config: LlavaLlamaConfig, source_type: str, tower_from_path: bool,
+              **kwargs: Any) -> LlavaLlamaForCausalLM:
     """`from_pretrained` without transformers' table of the tower/projector keys a plain Llama directory lacks
-    (expected, when `source_type`, the checkpoint's model_type, is "llama"); any other missing key (any at all
-    for a saved LLaVA directory) is still reported, by name."""
+    (expected, when `source_type`, the checkpoint's model_type, is "llama"), nor of the tower keys a LLaVA
+    checkpoint lacks when the tower comes from `model.vision_tower.path` (`tower_from_path`; LLaVA's releases
+    leave it out); any other missing key is still reported, by name."""
     with quiet_load_report():
         model, info = LlavaLlamaForCausalLM.from_pretrained(
             str(path), config=config, low_cpu_mem_usage=True, output_loading_info=True, **kwargs
         )
-    expected_absent = _MULTIMODAL_PREFIXES if source_type == "llama" else ()
+    expected_absent = _MULTIMODAL_PREFIXES if source_type == "llama" else (
+        _MULTIMODAL_PREFIXES[:1] if tower_from_path else ())
     missing = sorted(k for k in info["missing_keys"] if not k.startswith(expected_absent))
     if missing:
         logger.warning("model.llm.path=%s lacks %d weights (randomly initialised): %s", path, len(missing),
@@ -259,6 +270,11 @@ def _read_llm_config(path: Any) -> PreTrainedConfig:
     if config.model_type not in ("llama", LlavaLlamaConfig.model_type):
         raise ConfigError(f"model.llm.path={path} holds a {config.model_type!r} model; only Llama models are supported")
     return config
+
+
+def _has_vision_config(path: Any) -> bool:
+    """Whether a LLaVA directory's config.json carries its tower's shape (ours do; LLaVA's own releases don't)."""
+    return "vision_config" in json.loads((Path(str(path)) / "config.json").read_text())
 
 
 def _text_fields(source: PreTrainedConfig) -> dict:

@@ -22,6 +22,8 @@ def check_inputs(cfg: DictConfig) -> None:
             "nothing to train: set data.train_path=YOUR_DATA.json (LLaVA format) and data.image_folder=..., with "
             "model.llm.path=... and model.vision_tower.path=... (local Llama-3 / CLIP directories); "
             "or run the embedded demo with experiment=local_debug")
+    if OmegaConf.select(cfg, "model.init_from_hf") is not None:
+        return  # the Llava directory provides the LLM, the tower and the projector
     unset = [key for key in _REQUIRED[1:] if _is_missing(cfg, key)]
     if unset:
         raise ConfigError(f"{' and '.join(unset)} must name a local model directory (null builds a random-init "

@@ -24,21 +24,24 @@ QUANTIZATIONS = ("none", "nf4", "int8")
 
 def check_run(cfg: Any) -> None:
     """Everything about the run that a config alone can get wrong (see module doc)."""
-    check_output_dir(cfg.training.output_dir)
+    check_output_dir(cfg.training.output_dir, probe=run_state().is_main_process)
     _check_paths(cfg)
     _check_options(cfg)
     _check_precision(cfg)
     batch_layout(cfg.training, run_state().num_processes)
 
 
-def check_output_dir(value: str, key: str = "training.output_dir") -> None:
-    """The output directory can be created and written: no ancestor is a file, and a probe file can be written
-    (tried for real: permission bits say nothing to root, nor about a read-only mount). What the probe created
-    is removed again."""
+def check_output_dir(value: str, key: str = "training.output_dir", probe: bool = True) -> None:
+    """The output directory can be created and written: no ancestor is a file, and (with `probe`) a probe file
+    can be written (tried for real: permission bits say nothing to root, nor about a read-only mount). What the
+    probe created is removed again. Under several processes only the main one probes (they would race over
+    the directories it creates and removes)."""
     path = Path(value).absolute()
     ancestor = next(a for a in (path, *path.parents) if a.exists())
     if not ancestor.is_dir():
         raise ConfigError(f"{key}={value}: {ancestor} is a file, not a directory; choose another {key}")
+    if not probe:
+        return
     created = [a for a in (path, *path.parents) if not a.exists()]
     try:
         path.mkdir(parents=True, exist_ok=True)

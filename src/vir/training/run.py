@@ -20,13 +20,14 @@ from vir.data.dataset import LazySupervisedDataset
 from vir.inference.generate import answer_predictor
 from vir.models.builder import build_inputs, build_model
 from vir.models.checkpoint import RUN_CONFIG_FILE
+from vir.models.hf_import import apply_init_from_hf
 from vir.training.batching import batch_layout
 from vir.training.callbacks import CurvesCallback, DataStatsCallback, SampleVisualizerCallback
 from vir.training.checkpoints import clear_finished, config_changes, finished_run, mark_finished, resume_target
 from vir.training.deepspeed_config import deepspeed_arguments
-from vir.training.distributed import run_state
+from vir.training.distributed import main_process_first, run_state
 from vir.training.modes import apply_training_mode
-from vir.training.preflight import check_projector_fits, check_run
+from vir.training.preflight import check_output_dir, check_projector_fits, check_run
 from vir.training.trainer import LlavaTrainer
 
 logger = logging.getLogger(__name__)
@@ -100,6 +101,9 @@ def run_training(cfg: DictConfig, visualizer_samples: Optional[list] = None) -> 
     os.environ.setdefault("WANDB_MODE", "offline")  # `wandb sync wandb/offline-run-*` uploads a run later
     os.environ.setdefault("WANDB_PROJECT", "vir")
     set_seed(cfg.seed)
+    check_output_dir(cfg.training.output_dir, probe=run_state().is_main_process)
+    with main_process_first():  # model.init_from_hf: split a transformers Llava directory into our bases
+        apply_init_from_hf(cfg)
     check_run(cfg)
     output_dir = Path(cfg.training.output_dir)
     resume = resume_target(cfg.training.resume_from_checkpoint, output_dir)

@@ -59,8 +59,13 @@ class ModelConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
     vision_tower: VisionTowerConfig = field(default_factory=VisionTowerConfig)
     projector_type: str = "mlp2x_gelu"  # linear | mlp2x_gelu | identity
-    # A projector to start from (LLaVA `mm_projector.bin`, e.g. the stage-1 output). Optional.
+    # A projector to start from: LLaVA's `mm_projector.bin` (e.g. the stage-1 output), or an original LLaVA LoRA
+    # run's `non_lora_trainables.bin`. Optional.
     pretrained_projector: Optional[str] = None
+    # Continue from a transformers Llava directory (`llava-hf/*`): it is split into <training.output_dir>/
+    # init_from_hf/{llm,clip,mm_projector.bin}, which then stand for model.llm.path, model.vision_tower.path and
+    # model.pretrained_projector (leave those unset); the tower's feature layer and selection come from it too.
+    init_from_hf: Optional[str] = None
     # Tokenizer directory; `null` means the LLM's directory.
     tokenizer_path: Optional[str] = None
     image_token: str = "<image>"

@@ -1,0 +1,225 @@
+"""The way in from transformers' Llava: a `llava-hf/*` style directory split into the three things a `vir` run
+starts from (`model.init_from_hf=DIR`):
+
+    llm/              a Llama directory (config, weights, the checkpoint's tokenizer)      -> model.llm.path
+    clip/             a CLIPVisionModel directory with its image processor                 -> model.vision_tower.path
+    mm_projector.bin  the projector under LLaVA's keys                                     -> model.pretrained_projector
+
+Every key layout is read: the modules' own names (`model.language_model.*`, `model.vision_tower.*`,
+`model.multi_modal_projector.*`, `lm_head.*`) and the serialised one that transformers writes and the hub's
+llava-hf checkpoints carry (`language_model.model.*`, `language_model.lm_head.*`, `vision_tower[.vision_model].*`,
+`multi_modal_projector.*`). Weights are renamed, never changed;
+any key or shape the split does not expect fails with one message naming expected and found keys and shapes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Dict, Tuple, Union
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import (
+    AutoProcessor,
+    AutoTokenizer,
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaConfig,
+)
+
+from vir.utils.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, Path]
+IMPORT_MARKER = "imported_from.json"
+_PROJECTOR = {"linear_1": "0", "linear_2": "2"}
+
+
+class ImportMismatchError(UserError):
+    """A checkpoint whose keys or shapes are not what its config says; the message lists both."""
+
+
+def split_hf_state_dict(state: Dict[str, torch.Tensor]) -> Tuple[dict, dict, dict]:
+    """(Llama keys, CLIPVisionModel keys, LLaVA projector keys) from a Llava state dict in either layout (pure)."""
+    llm, tower, projector, unknown = {}, {}, {}, []
+    for key, tensor in state.items():
+        name = key.removeprefix("model.")
+        if name.startswith("language_model.model."):  # old layout
+            llm["model." + name[len("language_model.model."):]] = tensor
+        elif name.startswith("language_model.lm_head."):
+            llm[name[len("language_model."):]] = tensor
+        elif name.startswith("language_model."):  # new layout: model.language_model.<LlamaModel keys>
+            llm["model." + name[len("language_model."):]] = tensor
+        elif key == "lm_head.weight":
+            llm[key] = tensor
+        elif name.startswith("vision_tower."):  # CLIPVisionModel keys; hub checkpoints add `vision_model.`
+            tower[name[len("vision_tower."):].removeprefix("vision_model.")] = tensor
+        elif name.startswith("multi_modal_projector."):
+            layer, _, param = name[len("multi_modal_projector."):].partition(".")
+            if layer not in _PROJECTOR:
+                unknown.append(key)
+                continue
+            projector[f"model.mm_projector.{_PROJECTOR[layer]}.{param}"] = tensor
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ImportMismatchError(f"keys that are no part of a Llava model: {sorted(unknown)[:10]}")
+    return llm, tower, projector
+
+
+def check_state(found: Dict[str, torch.Tensor], expected: Dict[str, Tuple[int, ...]], what: str, source: Path) -> None:
+    """Raise `ImportMismatchError` naming missing, unexpected and mis-shaped keys of `found` against `expected`."""
+    shapes = {k: tuple(v.shape) for k, v in found.items()}
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    wrong = {k: {"expected": expected[k], "found": shapes[k]} for k in set(expected) & set(shapes)
+             if expected[k] != shapes[k]}
+    if missing or unexpected or wrong:
+        raise ImportMismatchError(
+            f"{source}: the {what} weights do not match its config.json: "
+            + "; ".join(part for part in (
+                f"missing {missing[:8]}" if missing else "", f"unexpected {unexpected[:8]}" if unexpected else "",
+                f"wrong shapes {dict(sorted(wrong.items())[:8])}" if wrong else "") if part))
+
+
+def _expected(model_class, config) -> Dict[str, Tuple[int, ...]]:
+    with torch.device("meta"):
+        model = model_class(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _read_weights(directory: Path) -> Dict[str, torch.Tensor]:
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{directory} holds no .safetensors weights (convert .bin checkpoints to safetensors first: "
+                        "pickled .bin files can run code when loaded)")
+    state: Dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    return state
+
+
+def fingerprint(directory: Path) -> str:
+    """What identifies a source checkpoint: its config and the names, sizes and times of its weight files."""
+    digest = hashlib.sha256((directory / "config.json").read_bytes())
+    for file in sorted(directory.glob("*.safetensors")):
+        stat = file.stat()
+        digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def import_hf_llava(hf_dir: PathLike, out_dir: PathLike) -> Dict[str, str]:
+    """Split `hf_dir` into `out_dir/{llm,clip,mm_projector.bin}` (once: an unchanged source is not re-read).
+
+    Returns the config values the checkpoint fixes: `llm`, `clip`, `projector` paths, `select_layer`,
+    `select_feature`, `image_aspect_ratio` (pad when its image processor pads to a square)."""
+    source, out = Path(hf_dir), Path(out_dir)
+    if not (source / "config.json").is_file():
+        raise UserError(f"model.init_from_hf={source}: no config.json there (a transformers Llava directory)")
+    raw = json.loads((source / "config.json").read_text())
+    if raw.get("model_type") != "llava":
+        raise UserError(f"model.init_from_hf={source} holds a {raw.get('model_type')!r} model, not transformers' "
+                        "'llava' (an original LLaVA checkpoint, model_type llava_llama, goes in model.llm.path)")
+    config = LlavaConfig.from_pretrained(str(source))
+    if config.projector_hidden_act != "gelu" or not config.multimodal_projector_bias:
+        raise UserError(f"model.init_from_hf={source}: a projector with {config.projector_hidden_act} and bias="
+                        f"{config.multimodal_projector_bias}; vir's mlp2x_gelu is Linear -> GELU -> Linear with biases")
+    if not isinstance(config.vision_feature_layer, int):
+        raise UserError(f"model.init_from_hf={source}: vision_feature_layer={config.vision_feature_layer} (several "
+                        "layers concatenated) is not a LLaVA-1.5 tower")
+    result = {
+        "llm": str(out / "llm"), "clip": str(out / "clip"), "projector": str(out / "mm_projector.bin"),
+        "select_layer": config.vision_feature_layer,
+        "select_feature": "patch" if config.vision_feature_select_strategy == "default" else "cls_patch",
+        "image_aspect_ratio": "pad" if _pads(source) else "crop",
+    }
+    marker = out / IMPORT_MARKER
+    stamp = {"source": str(source.resolve()), "fingerprint": fingerprint(source)}
+    if marker.is_file() and json.loads(marker.read_text()) == stamp:
+        return result
+    llm_state, tower_state, projector = split_hf_state_dict(_read_weights(source))
+    text_config = LlamaConfig(**{k: v for k, v in config.text_config.to_dict().items() if k != "model_type"})
+    vision = CLIPVisionConfig(**{k: v for k, v in config.vision_config.to_dict().items() if k != "model_type"})
+    if config.text_config.tie_word_embeddings and "lm_head.weight" not in llm_state:
+        llm_state["lm_head.weight"] = llm_state["model.embed_tokens.weight"]
+    check_state(llm_state, _expected(LlamaForCausalLM, text_config), "language model", source)
+    check_state(tower_state, _expected(CLIPVisionModel, vision), "vision tower", source)
+    width_in, width_out = vision.hidden_size, text_config.hidden_size
+    shapes = {"0.weight": (width_out, width_in), "0.bias": (width_out,), "2.weight": (width_out, width_out),
+              "2.bias": (width_out,)}
+    check_state(projector, {f"model.mm_projector.{k}": v for k, v in shapes.items()}, "projector", source)
+    (out / "llm").mkdir(parents=True, exist_ok=True)
+    (out / "clip").mkdir(parents=True, exist_ok=True)
+    text_config.architectures = ["LlamaForCausalLM"]
+    text_config.save_pretrained(str(out / "llm"))
+    save_file({k: v.contiguous() for k, v in llm_state.items()}, str(out / "llm" / "model.safetensors"))
+    AutoTokenizer.from_pretrained(str(source)).save_pretrained(str(out / "llm"))
+    vision.architectures = ["CLIPVisionModel"]
+    vision.save_pretrained(str(out / "clip"))
+    save_file({k: v.contiguous() for k, v in tower_state.items()}, str(out / "clip" / "model.safetensors"))
+    _clip_processor(source, vision.image_size).save_pretrained(str(out / "clip"))
+    torch.save({k: v.contiguous() for k, v in projector.items()}, out / "mm_projector.bin")
+    marker.write_text(json.dumps(stamp, indent=2))
+    logger.info("imported %s -> %s (llm/, clip/, mm_projector.bin)", source, out)
+    return result
+
+
+def _image_processor(source: Path):
+    try:
+        return AutoProcessor.from_pretrained(str(source)).image_processor
+    except (OSError, ValueError, TypeError):
+        from transformers import AutoImageProcessor
+
+        return AutoImageProcessor.from_pretrained(str(source))
+
+
+def _pads(source: Path) -> bool:
+    return bool(getattr(_image_processor(source), "do_pad", False))
+
+
+def _clip_processor(source: Path, image_size: int) -> CLIPImageProcessorPil:
+    """CLIP preprocessing with the checkpoint's sizes, mean, std and resampling (padding is the data config's
+    `image_aspect_ratio`)."""
+    processor = _image_processor(source)
+    size = dict(processor.size) if processor.size else {"shortest_edge": image_size}
+    crop = dict(processor.crop_size) if getattr(processor, "crop_size", None) else {"height": image_size,
+                                                                                     "width": image_size}
+    return CLIPImageProcessorPil(size=size, crop_size=crop, image_mean=list(processor.image_mean),
+                                 image_std=list(processor.image_std), resample=processor.resample)
+
+
+def apply_init_from_hf(cfg) -> None:
+    """With `model.init_from_hf` set, import it into `<training.output_dir>/init_from_hf/` and point
+    `model.llm.path`, `model.vision_tower.path`, `model.pretrained_projector` (and the tower's feature selection)
+    at the result, in place. Those keys must be unset (`???` or null) beside it. Under several processes, call it
+    in `main_process_first()`: the others then find the import done."""
+    from omegaconf import OmegaConf
+
+    from vir.utils.config import ConfigError
+
+    source = cfg.model.init_from_hf
+    if source is None:
+        return
+    taken = [key for key in ("model.llm.path", "model.vision_tower.path", "model.pretrained_projector",
+                             "model.tokenizer_path")
+             if not OmegaConf.is_missing(OmegaConf.select(cfg, key.rpartition(".")[0]), key.rpartition(".")[2])
+             and OmegaConf.select(cfg, key) is not None]
+    if taken:
+        raise ConfigError(f"model.init_from_hf={source} provides the LLM, the tower and the projector: leave "
+                          f"{', '.join(taken)} unset")
+    result = import_hf_llava(source, Path(cfg.training.output_dir) / "init_from_hf")
+    cfg.model.llm.path = result["llm"]
+    cfg.model.vision_tower.path = result["clip"]
+    cfg.model.pretrained_projector = result["projector"]
+    cfg.model.vision_tower.select_layer = result["select_layer"]
+    cfg.model.vision_tower.select_feature = result["select_feature"]
+    if result["image_aspect_ratio"] != cfg.data.image_aspect_ratio:
+        logger.warning("model.init_from_hf=%s was trained with image_aspect_ratio=%s; this run uses "
+                       "data.image_aspect_ratio=%s", source, result["image_aspect_ratio"], cfg.data.image_aspect_ratio)
