@@ -114,10 +114,47 @@ def test_plain_transformers_computes_what_the_run_computes(run, exported, tmp_pa
         theirs = got["generated"].tolist()
         assert ours[0, len(ids):].tolist()[:len(theirs)] == theirs, case["name"]
 
+    # What a user types: `vir-chat RUN --image X --prompt Q` answers what plain transformers answers on the export.
+    for case in [c for c in cases if c["name"].startswith("odd_")]:
+        chat = subprocess.run([sys.executable, "-m", "vir.cli.chat", str(run.output_dir), "--image", case["images"][0],
+                               "--prompt", case["question"], "--max-new-tokens", "8"],
+                              capture_output=True, text=True, timeout=300)
+        assert chat.returncode == 0, chat.stderr[-2000:]
+        assert chat.stdout.strip() == hf[case["name"]]["answer"], case["name"]
+
     # The synthetic test split: the export's answers are vir-eval's, so its accuracy is too.
     ours = evaluate(model, tokenizer, processor, items, max_new_tokens=8, progress=False)
     assert [row["prediction"] for row in ours.predictions] == [hf[f"test{k}"]["answer"] for k in range(len(items))]
     assert len(test_images) == len(items)
+
+
+@pytest.mark.parametrize("kind", ["stage1", "full"])
+def test_stage1_and_full_runs_export_too(kind, tmp_path_factory, tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    from training_fixtures import full_run, mixed_batch, stage1_run, tiny_bases
+
+    run = {"stage1": stage1_run, "full": full_run}[kind](tmp_path_factory)
+    out = tmp_path / "hf"
+    done = subprocess.run([sys.executable, "-m", "vir.cli.export", str(run.output_dir), str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    model, tokenizer, processor, run_config = load_run(run.output_dir, device="cpu")
+    hf = LlavaForConditionalGeneration.from_pretrained(str(out)).eval()
+    batch = mixed_batch(tiny_bases(tmp_path_factory), tokenizer, processor, model.config.num_image_tokens)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        assert (model(**inputs).logits - hf(**inputs).logits).abs().max() < 1e-4
+    from transformers import AutoProcessor
+
+    hf_processor = AutoProcessor.from_pretrained(str(out))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}]
+    rendered = hf_processor.apply_chat_template(messages, add_generation_prompt=True)
+    expanded = rendered.replace("<image>", "<image>" * model.config.num_image_tokens)
+    ids = tokenizer(expanded, add_special_tokens=False)["input_ids"]
+    ours = build_generation_prompt([Message("user", "<image>\nDescribe it.")], tokenizer, run_config.data.template,
+                                   model.config.image_token_id, model.config.num_image_tokens)
+    assert ids == ours, (run_config.data.template, rendered)
 
 
 def _paths(data, index: int) -> list[str]:

@@ -85,3 +85,12 @@ def test_the_output_dir_probe_leaves_nothing_behind(tmp_path):
     (tmp_path / "kept").mkdir()
     check_output_dir(str(tmp_path / "kept"))
     assert (tmp_path / "kept").is_dir() and list((tmp_path / "kept").iterdir()) == []
+
+
+def test_bf16_where_the_device_cannot_compute_it_is_one_line(bases, tmp_path, monkeypatch, capsys):
+    from vir.training import preflight
+
+    monkeypatch.setattr(preflight, "_cpu_bf16_works", lambda: False)
+    monkeypatch.setattr(preflight.torch.cuda, "is_available", lambda: False)
+    err = _fails(monkeypatch, capsys, run_overrides(bases, tmp_path / "run", "stage2_lora", "training.bf16=true"))
+    assert "training.bf16: this CPU's PyTorch cannot compute in bfloat16; set training.bf16=false" in err

@@ -61,11 +61,12 @@ def load_image(path: str, image_folder: Union[str, Path]) -> tuple[Optional[Imag
     # PIL raises OSError, SyntaxError, ValueError, struct.error, DecompressionBombError... for broken files;
     # a broken file must cost one black image, never the run.
     try:
-        with warnings.catch_warnings(), Image.open(target) as img:
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # decided by `too_large`
-            if too_large(img):
-                return None, IMAGE_TOO_LARGE
-            return decoded_rgb(img), IMAGE_OK
+            with Image.open(target) as img:
+                if too_large(img):
+                    return None, IMAGE_TOO_LARGE
+                return decoded_rgb(img), IMAGE_OK
     except Image.DecompressionBombError:  # PIL's own check, at twice its (global) limit
         return None, IMAGE_TOO_LARGE
     except Exception as err:  # noqa: BLE001 - see above
