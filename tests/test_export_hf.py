@@ -130,9 +130,8 @@ def test_plain_transformers_computes_what_the_run_computes(run, exported, tmp_pa
 
 @pytest.mark.parametrize("kind", ["stage1", "full"])
 def test_stage1_and_full_runs_export_too(kind, tmp_path_factory, tmp_path):
-    from transformers import LlavaForConditionalGeneration
-
     from training_fixtures import full_run, mixed_batch, stage1_run, tiny_bases
+    from transformers import LlavaForConditionalGeneration
 
     run = {"stage1": stage1_run, "full": full_run}[kind](tmp_path_factory)
     out = tmp_path / "hf"
