@@ -106,17 +106,17 @@ def run_training(cfg: DictConfig, visualizer_samples: Optional[list] = None) -> 
         apply_init_from_hf(cfg)
     check_run(cfg)
     output_dir = Path(cfg.training.output_dir)
-    resume = resume_target(cfg.training.resume_from_checkpoint, output_dir)
-    if resume and (Path(resume) / RUN_CONFIG_FILE).is_file():
-        changes = config_changes(Path(resume) / RUN_CONFIG_FILE, cfg)
-        if changes:
-            logger.warning("resuming %s, which was trained with another config: %s", resume, "; ".join(changes))
     if cfg.training.resume_from_checkpoint == "auto":
         done = finished_run(output_dir, cfg, RUN_CONFIG_FILE)
         if done is not None:
             logger.info("%s already finished this run (step %d): nothing to train", output_dir, done["global_step"])
             return TrainOutcome(output_dir, done["global_step"], done["train_loss"], done["log_history"],
                                 done["data_stats"])
+    resume = resume_target(cfg.training.resume_from_checkpoint, output_dir)
+    if resume and (Path(resume) / RUN_CONFIG_FILE).is_file():
+        changes = config_changes(Path(resume) / RUN_CONFIG_FILE, cfg)
+        if changes:
+            logger.warning("resuming %s, which was trained with another config: %s", resume, "; ".join(changes))
     tokenizer, image_processor, model_config = build_inputs(cfg)
     check_projector_fits(cfg, model_config)
     datasets = {
