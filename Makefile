@@ -33,8 +33,11 @@ test: $(STAMP)
 	@$(PY) -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo 'pytest collected no tests' >&2; exit 1; fi; exit $$rc
 
+# Step-time breakdown of the demo's sizes, then vir against transformers' Llava + Trainer (BENCH_STEPS timed steps
+# per run, default 4; more steps, less noise): benchmarks/results/train_throughput.json.
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/train_compare.py
 
 # QLoRA and bf16 LoRA steps of a random-init Llama-3-8B + CLIP-L/336 on one GPU: peak memory, tokens/s, MFU,
 # vir-plan's estimate. The venv here holds a CPU torch: on a GPU machine point GPU_PYTHON at a Python with a
