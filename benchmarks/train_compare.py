@@ -201,7 +201,8 @@ def run_hf(root: Path, data: Path, llm: Path, clip: Path, steps: int) -> dict:
 
     meter = Meter()
     args = TrainingArguments(output_dir=str(root / "hf_run"), max_steps=steps + WARMUP,
-                             per_device_train_batch_size=BATCH, learning_rate=LORA["lr"], lr_scheduler_type="cosine", warmup_steps=0.03,
+                             per_device_train_batch_size=BATCH, learning_rate=LORA["lr"],
+                             lr_scheduler_type="cosine", warmup_steps=0.03,
                              save_strategy="no", report_to=[], logging_steps=1000, remove_unused_columns=False,
                              use_cpu=not torch.cuda.is_available(), disable_tqdm=True, seed=42)
     _metered(Trainer, meter)(model=model, args=args, train_dataset=dataset, data_collator=collate).train()
