@@ -65,8 +65,12 @@ def test_checkpointing_zero_and_micro_batch_move_the_right_parts(bases, tmp_path
                                           "training.gradient_checkpointing=true"))
     assert checkpointed.activations_gb < base.activations_gb and checkpointed.weights_gb == base.weights_gb
     doubled = plan_memory(run_config(bases, tmp_path, "stage2_full", "training.per_device_train_batch_size=8"))
-    assert doubled.logits_gb == pytest.approx(2 * base.logits_gb) and doubled.activations_gb == pytest.approx(
-        2 * base.activations_gb)
+    assert doubled.activations_gb == pytest.approx(2 * base.activations_gb)
+    # Logits: one chunk of rows with the chunked loss (4 x 512 tokens > 1024 already), every row without it.
+    assert doubled.logits_gb == pytest.approx(base.logits_gb)
+    full = [plan_memory(run_config(bases, tmp_path, "stage2_full", f"training.per_device_train_batch_size={n}",
+                                   "training.loss_chunk_size=0")) for n in (4, 8)]
+    assert full[1].logits_gb == pytest.approx(2 * full[0].logits_gb) == pytest.approx(4 * base.logits_gb)
     zero3 = plan_memory(run_config(bases, tmp_path, "stage2_full", "training.per_device_train_batch_size=4",
                                    "training.deepspeed=zero3"), world_size=4)
     assert zero3.zero_stage == 3 and zero3.weights_gb == pytest.approx(base.weights_gb / 4)

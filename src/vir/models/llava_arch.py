@@ -20,6 +20,7 @@ from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
 
 from vir.models.configuration import LlavaLlamaConfig
 from vir.models.encoder import CLIPVisionTower
+from vir.models.loss import chunked_causal_lm_loss
 from vir.models.projector import build_projector
 
 logger = logging.getLogger(__name__)
@@ -105,6 +106,9 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM):
         self.model = LlavaLlamaModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # Training loss: > 0 projects only the trained positions, this many rows at a time (vir.models.loss);
+        # 0 is transformers' loss over full fp32 logits. Set from `training.loss_chunk_size`; not saved.
+        self.loss_chunk_size = 0
         self.post_init()
 
     def get_model(self) -> LlavaLlamaModel:
@@ -159,6 +163,14 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM):
                     f"input_ids hold {num_positions} image-token positions (image_token_id="
                     f"{self.config.image_token_id}) but 0 images were given (pixel_values is None or empty)"
                 )
+        if labels is not None and self.training and self.loss_chunk_size > 0:
+            # The loss without the full logits: a training step needs nothing else (`logits` is None).
+            num_items = kwargs.pop("num_items_in_batch", None)
+            outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+            loss = chunked_causal_lm_loss(outputs.last_hidden_state, self.lm_head, labels, self.loss_chunk_size,
+                                          num_items_in_batch=num_items)
+            return CausalLMOutputWithPast(loss=loss, logits=None, cache=outputs.cache)
         return super().forward(
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -151,8 +151,11 @@ def plan_memory(cfg: Any, vocab_size: Optional[int] = None, world_size: Optional
         weights = 0.0 if zero["offload_param"] else weights / world
     micro, _ = batch_layout(training, world)
     seq = plan_cfg.sequence_length or cfg.model.model_max_length
-    activations, logits = _activation_bytes(model.config, micro * seq, half, training.gradient_checkpointing), \
-        micro * seq * vocab * (half + 8)
+    activations = _activation_bytes(model.config, micro * seq, half, training.gradient_checkpointing)
+    # Logits in the model's dtype, upcast to fp32 and their fp32 gradient: for every position with transformers'
+    # loss, for one chunk of trained positions with the chunked one (training.loss_chunk_size, vir.models.loss).
+    rows = micro * seq if training.loss_chunk_size <= 0 else min(training.loss_chunk_size, micro * seq)
+    logits = rows * vocab * (half + 8)
     parts = [x / GB for x in (weights, grads, optimizer, activations, logits)]
     peak = sum(parts)
     budget = gpu_gb or plan_cfg.gpu_gb

@@ -60,6 +60,7 @@ def apply_training_mode(model: nn.Module, training_cfg, vision_tower_freeze: boo
                          "its weights would be in neither the adapter nor mm_projector.bin. Keep the tower frozen "
                          "or use training.mode=stage2_full")
     base = model
+    base.loss_chunk_size = getattr(training_cfg, "loss_chunk_size", 0)  # the training loss (vir.models.loss)
     if is_quantized(base):
         if mode != "stage2_lora":
             raise ValueError("model.llm.quantization loads the LLM as frozen 4/8-bit weights: it trains with "

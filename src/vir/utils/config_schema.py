@@ -130,6 +130,9 @@ class TrainingConfig:
     # null: start fresh; `auto`: continue from the newest complete checkpoint in output_dir (or start fresh when
     # there is none; a finished run with the same config is not trained again); or a checkpoint-N directory.
     resume_from_checkpoint: Optional[str] = None
+    # The training loss projects only the positions that train through lm_head, this many at a time, never the
+    # full [batch, length, vocab] fp32 logits (vir.models.loss); 0: transformers' loss over full logits.
+    loss_chunk_size: int = 1024
     # An optimizer step whose gradients are not finite (NaN/inf loss) is skipped with a warning; this many in a
     # row stop the run with a clear error, the checkpoints written so far intact.
     max_nonfinite_steps: int = 10

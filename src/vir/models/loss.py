@@ -1,0 +1,52 @@
+"""Next-token cross-entropy that never holds the full `[B, T, vocab]` fp32 logits.
+
+transformers' causal-LM loss projects every position through `lm_head`, upcasts all logits to fp32 and only
+then drops the positions that do not train: at Llama-3's 128256-entry vocabulary that tensor (and its gradient)
+is the largest allocation of a step. `chunked_causal_lm_loss` takes the hidden states of the positions that
+train (label != -100 after the shift) only, and projects them in chunks of `chunk_size` rows, each chunk
+recomputed in the backward pass (activation checkpointing), so at most one chunk's logits exist at a time.
+The value and the gradients equal the full computation's up to float rounding (tests/test_models_loss.py).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+
+
+def _chunk_loss_sum(hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor) -> torch.Tensor:
+    # The module itself, not F.linear on its weight: DeepSpeed ZeRO-3 gathers the weight in its forward hook.
+    return F.cross_entropy(lm_head(hidden).float(), targets, reduction="sum")
+
+
+def chunked_causal_lm_loss(hidden_states: torch.Tensor, lm_head: nn.Linear, labels: torch.Tensor,
+                           chunk_size: int = 1024, num_items_in_batch: Optional[torch.Tensor | int] = None
+                           ) -> torch.Tensor:
+    """Shifted next-token CE of `lm_head(hidden_states)` against `labels` ([B, T], -100 ignored): the mean over
+    trained positions, or their sum over `num_items_in_batch` when given (the Trainer's count across gradient
+    accumulation), as transformers' `ForCausalLMLoss` computes it."""
+    shift_hidden = hidden_states[:, :-1, :]
+    shift_labels = labels[:, 1:].to(hidden_states.device)
+    trained = shift_labels != IGNORE_INDEX
+    selected = shift_hidden[trained]  # [M, D]
+    targets = shift_labels[trained]
+    total = hidden_states.new_zeros((), dtype=torch.float32)
+    for start in range(0, selected.shape[0], chunk_size):
+        part, part_targets = selected[start:start + chunk_size], targets[start:start + chunk_size]
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_loss_sum, part, lm_head, part_targets, use_reentrant=False)
+        else:
+            total = total + _chunk_loss_sum(part, lm_head, part_targets)
+    if num_items_in_batch is not None:
+        denominator = torch.as_tensor(num_items_in_batch, device=total.device, dtype=torch.float32)
+    else:
+        denominator = torch.as_tensor(max(int(targets.numel()), 1), device=total.device, dtype=torch.float32)
+    if targets.numel() == 0:
+        return total + 0.0 * hidden_states.sum()  # keeps the graph (and DDP's reducer) connected
+    return total / denominator
