@@ -82,3 +82,17 @@ def test_out_of_disk_while_saving_leaves_the_previous_checkpoint_whole(bases, tm
                                "training.resume_from_checkpoint=auto"))
     assert resumed.outcome.global_step == 6 and sorted(resumed.snapshots) == [4, 6]
 
+
+
+def test_the_guard_reads_gradients_of_mixed_dtypes(bases, tmp_path):
+    """bf16 LoRA weights beside the fp32 projector (a bf16 run): the finiteness check must not trip over dtypes."""
+    run = train(run_config(bases, tmp_path / "run", "stage2_lora", "training.max_steps=1"))
+    lora, projector = torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16)), torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([lora, projector], lr=1.0)
+    lora.grad, projector.grad = torch.ones(3, dtype=torch.bfloat16), torch.ones(2)
+    run.trainer.nonfinite_streak = 0
+    run.trainer._finite_step(optimizer)()
+    assert run.trainer.nonfinite_streak == 0 and float(lora[0]) == 0.0  # finite: the step ran
+    projector.grad[0] = float("nan")
+    run.trainer._finite_step(optimizer)()
+    assert run.trainer.nonfinite_streak == 1 and float(lora[0]) == 0.0  # skipped

@@ -157,7 +157,9 @@ class LlavaTrainer(Trainer):
 
         def guarded(*args, **kwargs):
             grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-            finite = not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()))
+            # Norms per dtype group (LoRA in bf16, the projector kept in fp32), compared in fp32.
+            finite = not grads or bool(torch.isfinite(torch.stack([n.float() for n in torch._foreach_norm(grads)])
+                                                      .sum()))
             if all_processes_agree(finite):
                 self.nonfinite_streak = 0
                 return step(*args, **kwargs)
