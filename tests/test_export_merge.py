@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from training_fixtures import full_run, lora_run, mixed_batch, stage1_run
+from training_fixtures import full_run, lora_run, mixed_batch, stage1_run, tiny_bases
 
 from vir.inference.evaluate import evaluate_run
 from vir.models.checkpoint import load_run
@@ -44,14 +44,8 @@ def test_a_merged_run_computes_what_the_run_computes_and_needs_no_bases(kind, tm
     original, tokenizer, processor, _ = load_run(run.output_dir, device="cpu")
     merged, *_ = load_run(out, device="cpu")
     assert isinstance(merged, LlavaLlamaForCausalLM)
-    batch = mixed_batch(_bases(tmp_path_factory), tokenizer, processor, merged.config.num_image_tokens)
+    batch = mixed_batch(tiny_bases(tmp_path_factory), tokenizer, processor, merged.config.num_image_tokens)
     assert (_logits(merged, batch) - _logits(original, batch)).abs().max() < 1e-5
-
-
-def _bases(factory):
-    from training_fixtures import tiny_bases
-
-    return tiny_bases(factory)
 
 
 def test_vir_eval_and_vir_chat_on_a_merged_run_answer_as_on_the_run(tmp_path_factory, tmp_path):

@@ -15,7 +15,7 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Dict, Optional
 
 import torch
 from omegaconf import DictConfig
@@ -31,15 +31,14 @@ from transformers.models.llava.image_processing_pil_llava import LlavaImageProce
 from vir.data.templates import EOT
 from vir.export.card import write_model_card
 from vir.export.chat_template import llama3_chat_template, plain_chat_template
-from vir.models.checkpoint import ADAPTER_CONFIG_FILE, load_run
+from vir.models.checkpoint import ADAPTER_CONFIG_FILE, PathLike, load_run
 from vir.models.configuration import LlavaLlamaConfig
+from vir.models.hf_import import HF_PROJECTOR_LAYERS
 from vir.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, Path]
 DEFAULT_MAX_SHARD_SIZE = "5GB"
-_PROJECTOR_LAYERS = {"0": "linear_1", "2": "linear_2"}
 _TOWER_PREFIX = "model.vision_tower.vision_tower."
 
 
@@ -55,9 +54,9 @@ def hf_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor
             new = "model.vision_tower." + key[len(_TOWER_PREFIX):]
         elif key.startswith("model.mm_projector."):
             layer, _, param = key[len("model.mm_projector."):].partition(".")
-            if layer not in _PROJECTOR_LAYERS:
+            if layer not in HF_PROJECTOR_LAYERS:
                 raise ExportError(f"projector layer {layer!r} has no place in LlavaMultiModalProjector")
-            new = f"model.multi_modal_projector.{_PROJECTOR_LAYERS[layer]}.{param}"
+            new = f"model.multi_modal_projector.{HF_PROJECTOR_LAYERS[layer]}.{param}"
         elif key.startswith("model."):
             new = "model.language_model." + key[len("model."):]
         elif key == "lm_head.weight":

@@ -12,15 +12,13 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Union
 
 from vir.export.card import write_model_card
-from vir.models.checkpoint import ADAPTER_CONFIG_FILE, load_run, write_run_artifacts
+from vir.models.checkpoint import ADAPTER_CONFIG_FILE, PathLike, load_run, write_run_artifacts
 from vir.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, Path]
 TOWER_DIR = "vision_tower"
 # Fields LLaVA's `LlavaLlamaForCausalLM` / `load_pretrained_model` read beside ours (haotian-liu/LLaVA, v1.5).
 LLAVA_FIELDS = {"mm_use_im_patch_token": False, "mm_patch_merge_type": "flat", "tune_mm_mlp_adapter": False,
@@ -29,6 +27,11 @@ LLAVA_FIELDS = {"mm_use_im_patch_token": False, "mm_patch_merge_type": "flat", "
 
 def merge_run(run_dir: PathLike, out_dir: PathLike, max_shard_size: str = "5GB") -> Path:
     """Write `out_dir`: the run as full weights in our format (see module doc). Returns `out_dir`."""
+    return _merge(run_dir, out_dir, max_shard_size)[0]
+
+
+def _merge(run_dir: PathLike, out_dir: PathLike, max_shard_size: str):
+    """`merge_run`, also returning the merged model and image processor it wrote."""
     run, out = Path(run_dir), Path(out_dir)
     if out.resolve() == run.resolve():
         raise UserError(f"the output directory {out} is the run directory: choose another")
@@ -45,14 +48,13 @@ def merge_run(run_dir: PathLike, out_dir: PathLike, max_shard_size: str = "5GB")
                      dequantized=quantization != "none", aspect_ratio=run_config.data.image_aspect_ratio,
                      layout="vir")
     logger.info("merged %s -> %s", run, out)
-    return out
+    return out, model, image_processor
 
 
 def export_llava_original(run_dir: PathLike, out_dir: PathLike, max_shard_size: str = "5GB") -> Path:
     """LLaVA's own layout: the merged checkpoint (`model_type` llava_llama, `mm_*` fields, `mm_projector.bin`,
     LLaVA's key names) with the CLIP tower copied into `vision_tower/`, which `mm_vision_tower` names."""
-    out = merge_run(run_dir, out_dir, max_shard_size=max_shard_size)
-    model, _, image_processor, _ = load_run(out, device="cpu")
+    out, model, image_processor = _merge(run_dir, out_dir, max_shard_size)
     tower = out / TOWER_DIR
     model.get_model().vision_tower.vision_tower.save_pretrained(str(tower))
     image_processor.save_pretrained(str(tower))

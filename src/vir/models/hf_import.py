@@ -18,7 +18,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Dict, Tuple, Union
+from typing import Dict, Tuple
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -33,13 +33,16 @@ from transformers import (
     LlavaConfig,
 )
 
+from vir.models.projector import PathLike
 from vir.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, Path]
 IMPORT_MARKER = "imported_from.json"
-_PROJECTOR = {"linear_1": "0", "linear_2": "2"}
+# Our projector's layer index -> transformers' LlavaMultiModalProjector attribute (export maps this way; import
+# the other).
+HF_PROJECTOR_LAYERS = {"0": "linear_1", "2": "linear_2"}
+_FROM_HF_PROJECTOR = {hf: ours for ours, hf in HF_PROJECTOR_LAYERS.items()}
 
 
 class ImportMismatchError(UserError):
@@ -63,10 +66,10 @@ def split_hf_state_dict(state: Dict[str, torch.Tensor]) -> Tuple[dict, dict, dic
             tower[name[len("vision_tower."):].removeprefix("vision_model.")] = tensor
         elif name.startswith("multi_modal_projector."):
             layer, _, param = name[len("multi_modal_projector."):].partition(".")
-            if layer not in _PROJECTOR:
+            if layer not in _FROM_HF_PROJECTOR:
                 unknown.append(key)
                 continue
-            projector[f"model.mm_projector.{_PROJECTOR[layer]}.{param}"] = tensor
+            projector[f"model.mm_projector.{_FROM_HF_PROJECTOR[layer]}.{param}"] = tensor
         else:
             unknown.append(key)
     if unknown:
@@ -138,8 +141,9 @@ def import_hf_llava(hf_dir: PathLike, out_dir: PathLike) -> Dict[str, str]:
         "llm": str(out / "llm"), "clip": str(out / "clip"), "projector": str(out / "mm_projector.bin"),
         "select_layer": config.vision_feature_layer,
         "select_feature": "patch" if config.vision_feature_select_strategy == "default" else "cls_patch",
-        "image_aspect_ratio": "pad" if _pads(source) else "crop",
     }
+    image_processor = _image_processor(source)
+    result["image_aspect_ratio"] = "pad" if getattr(image_processor, "do_pad", False) else "crop"
     marker = out / IMPORT_MARKER
     stamp = {"source": str(source.resolve()), "fingerprint": fingerprint(source)}
     if marker.is_file() and json.loads(marker.read_text()) == stamp:
@@ -164,7 +168,7 @@ def import_hf_llava(hf_dir: PathLike, out_dir: PathLike) -> Dict[str, str]:
     vision.architectures = ["CLIPVisionModel"]
     vision.save_pretrained(str(out / "clip"))
     save_file({k: v.contiguous() for k, v in tower_state.items()}, str(out / "clip" / "model.safetensors"))
-    _clip_processor(source, vision.image_size).save_pretrained(str(out / "clip"))
+    _clip_processor(image_processor, vision.image_size).save_pretrained(str(out / "clip"))
     torch.save({k: v.contiguous() for k, v in projector.items()}, out / "mm_projector.bin")
     marker.write_text(json.dumps(stamp, indent=2))
     logger.info("imported %s -> %s (llm/, clip/, mm_projector.bin)", source, out)
@@ -180,14 +184,9 @@ def _image_processor(source: Path):
         return AutoImageProcessor.from_pretrained(str(source))
 
 
-def _pads(source: Path) -> bool:
-    return bool(getattr(_image_processor(source), "do_pad", False))
-
-
-def _clip_processor(source: Path, image_size: int) -> CLIPImageProcessorPil:
+def _clip_processor(processor, image_size: int) -> CLIPImageProcessorPil:
     """CLIP preprocessing with the checkpoint's sizes, mean, std and resampling (padding is the data config's
     `image_aspect_ratio`)."""
-    processor = _image_processor(source)
     size = dict(processor.size) if processor.size else {"shortest_edge": image_size}
     crop = dict(processor.crop_size) if getattr(processor, "crop_size", None) else {"height": image_size,
                                                                                      "width": image_size}

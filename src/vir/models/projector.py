@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import pickle
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Union
+from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -104,13 +104,7 @@ def load_projector_state_dict(model: nn.Module, path_or_state: Union[PathLike, M
     """
     source = str(path_or_state) if isinstance(path_or_state, (str, Path)) else "the given state dict"
     state = load_projector_file(path_or_state) if isinstance(path_or_state, (str, Path)) else path_or_state
-    stripped, unexpected = {}, []
-    for key, tensor in state.items():
-        _, marker, name = key.rpartition("mm_projector.")
-        if marker:
-            stripped[name] = tensor
-        else:
-            unexpected.append(key)
+    stripped, unexpected = split_projector_keys(state)
     if unexpected:
         raise ValueError(f"{source} holds keys that are not projector weights: {sorted(unexpected)}")
     _check_keys(model, set(stripped), source=source)
@@ -121,6 +115,19 @@ def load_projector_state_dict(model: nn.Module, path_or_state: Union[PathLike, M
         raise ValueError(f"{source} has projector weights of the wrong shape (found, expected): {wrong}")
     projector.load_state_dict(stripped, strict=True)
     logger.info("loaded mm_projector (%d tensors) from %s", len(stripped), source)
+
+
+def split_projector_keys(state: Mapping[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+    """(`{name inside the projector: tensor}`, keys that are no projector weight): any prefix ending in
+    `mm_projector.` is dropped (LLaVA's, peft's `base_model.model.model.`)."""
+    stripped, unexpected = {}, []
+    for key, tensor in state.items():
+        _, marker, name = key.rpartition("mm_projector.")
+        if marker:
+            stripped[name] = tensor
+        else:
+            unexpected.append(key)
+    return stripped, unexpected
 
 
 def load_projector_file(path: PathLike) -> Mapping[str, torch.Tensor]:

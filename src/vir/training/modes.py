@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from vir.models.quantization import is_quantized
+from vir.utils.config import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -46,19 +47,24 @@ def keep_fp32(module: nn.Module, name: str) -> None:
         module.float()
 
 
+def check_mode(mode: str, vision_tower_freeze: bool) -> None:
+    """Raise `ConfigError` for an unknown `training.mode`, or LoRA with a trained tower."""
+    if mode not in MODES:
+        raise ConfigError(f"training.mode={mode!r} is not one of {', '.join(MODES)}")
+    if mode == "stage2_lora" and not vision_tower_freeze:
+        # The adapter and mm_projector.bin are all a LoRA run saves: a trained tower would be lost on reload.
+        raise ConfigError("training.mode=stage2_lora cannot train the vision tower (model.vision_tower.freeze=false): "
+                          "its weights would be in neither the adapter nor mm_projector.bin. Keep the tower frozen "
+                          "or use training.mode=stage2_full")
+
+
 def apply_training_mode(model: nn.Module, training_cfg, vision_tower_freeze: bool = True) -> nn.Module:
     """Freeze/unfreeze (and wrap with LoRA for `stage2_lora`) according to `training.mode`.
 
     Returns the model to train: the same object, or a `peft.PeftModel` around it.
     """
     mode = training_cfg.mode
-    if mode not in MODES:
-        raise ValueError(f"training.mode={mode!r} is not one of {', '.join(MODES)}")
-    if mode == "stage2_lora" and not vision_tower_freeze:
-        # The adapter and mm_projector.bin are all a LoRA run saves: a trained tower would be lost on reload.
-        raise ValueError("training.mode=stage2_lora cannot train the vision tower (model.vision_tower.freeze=false): "
-                         "its weights would be in neither the adapter nor mm_projector.bin. Keep the tower frozen "
-                         "or use training.mode=stage2_full")
+    check_mode(mode, vision_tower_freeze)
     base = model
     base.loss_chunk_size = getattr(training_cfg, "loss_chunk_size", 0)  # the training loss (vir.models.loss)
     if is_quantized(base):

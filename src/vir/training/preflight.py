@@ -1,8 +1,8 @@
 """Checks a run passes before any weight loads: each failure is one `ConfigError` naming the key and the fix.
 
-`check_run(cfg)` needs only the config (output directory, mode and option combinations, precision, batch
-layout); `check_projector_fits(cfg, model_config)` needs the model config `build_inputs` derives without
-weights (a pretrained projector against the tower's and the LLM's widths).
+`check_output_dir` and `check_run(cfg)` need only the config (output directory; paths, mode and option
+combinations, precision, batch layout); `check_projector_fits(cfg, model_config)` needs the model config
+`build_inputs` derives without weights (a pretrained projector against the tower's and the LLM's widths).
 """
 
 from __future__ import annotations
@@ -13,18 +13,17 @@ from typing import Any
 
 import torch
 
-from vir.models.projector import KEY_PREFIX, build_projector, load_projector_file
+from vir.models.projector import KEY_PREFIX, build_projector, load_projector_file, split_projector_keys
+from vir.models.quantization import QUANTIZATIONS
 from vir.training.batching import batch_layout
 from vir.training.distributed import run_state
+from vir.training.modes import check_mode
 from vir.utils.config import ConfigError
-
-MODES = ("stage1", "stage2_lora", "stage2_full")
-QUANTIZATIONS = ("none", "nf4", "int8")
 
 
 def check_run(cfg: Any) -> None:
-    """Everything about the run that a config alone can get wrong (see module doc)."""
-    check_output_dir(cfg.training.output_dir, probe=run_state().is_main_process)
+    """Everything about the run that a config alone can get wrong (see module doc), but the output directory:
+    `check_output_dir` comes first, before anything (an import) writes there."""
     _check_paths(cfg)
     _check_options(cfg)
     _check_precision(cfg)
@@ -73,8 +72,7 @@ def _check_paths(cfg: Any) -> None:
 
 def _check_options(cfg: Any) -> None:
     t, model = cfg.training, cfg.model
-    if t.mode not in MODES:
-        raise ConfigError(f"training.mode={t.mode} is not one of {', '.join(MODES)}")
+    check_mode(t.mode, model.vision_tower.freeze)
     if model.llm.quantization not in QUANTIZATIONS:
         raise ConfigError(f"model.llm.quantization={model.llm.quantization} is not one of {', '.join(QUANTIZATIONS)}")
     if model.llm.quantization != "none":
@@ -87,10 +85,6 @@ def _check_options(cfg: Any) -> None:
     if cfg.data.template == "plain" and t.mode != "stage1":
         raise ConfigError(f"data.template=plain is LLaVA's stage-1 caption format (no chat turns); "
                           f"training.mode={t.mode} trains conversations: use data.template=llama3")
-    if t.mode == "stage2_lora" and not model.vision_tower.freeze:
-        raise ConfigError("training.mode=stage2_lora cannot train the vision tower (model.vision_tower.freeze="
-                          "false): its weights would be in neither the adapter nor mm_projector.bin. Keep the tower "
-                          "frozen or use training.mode=stage2_full")
     tower = model.vision_tower
     if tower.path is None and tower.image_size % tower.patch_size:
         raise ConfigError(f"model.vision_tower.image_size={tower.image_size} is not a multiple of "
@@ -130,9 +124,8 @@ def check_projector_fits(cfg: Any, model_config: Any) -> None:
         return
     with torch.device("meta"):
         expected = {KEY_PREFIX + name: tuple(t.shape) for name, t in build_projector(model_config).state_dict().items()}
-    found = {key: tuple(t.shape) for key, t in load_projector_file(path).items()}
-    found = {KEY_PREFIX + key.rpartition("mm_projector.")[2]: shape for key, shape in found.items()
-             if "mm_projector." in key}
+    stripped, _ = split_projector_keys(load_projector_file(path))  # other keys: load_projector_state_dict names them
+    found = {KEY_PREFIX + name: tuple(t.shape) for name, t in stripped.items()}
     if found != expected:
         raise ConfigError(
             f"model.pretrained_projector={path} does not fit this model (model.projector_type="
