@@ -65,7 +65,11 @@ class Handlers:
         turns = list(turns or [])
         sampling = Sampling(float(temperature), float(top_p), int(max_new_tokens))
         try:
-            images = open_images(_files(files))
+            try:
+                images = open_images(_files(files))
+            except ChatInputError:
+                files = None  # the message names the file; the upload box is emptied for the next try
+                raise
             turns.append(Turn(str(question or ""), images))
             self.engine.prepare(turns, sampling)  # every input check before the page changes
             yield _display(turns[:-1]) + _display(turns[-1:]), turns[:-1], "Generating...", question, files
