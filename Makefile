@@ -14,7 +14,7 @@ TRAIN_ARGS ?=  # Hydra overrides, e.g. make train TRAIN_ARGS="training.max_steps
 EXPERIMENT ?= local_debug
 TRAIN_THREADS ?= $(shell n=$$(( $$(nproc) / $(TRAIN_PROCS) )); [ $$n -ge 1 ] && echo $$n || echo 1)
 
-.PHONY: install train test bench gpu-check clean
+.PHONY: install train test browser demo bench gpu-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,9 +29,29 @@ train: $(STAMP)
 	OMP_NUM_THREADS=$(TRAIN_THREADS) $(VENV)/bin/torchrun --standalone --nproc_per_node=$(TRAIN_PROCS) \
 		-m vir.cli.train experiment=$(EXPERIMENT) $(TRAIN_ARGS)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	@$(PY) -m pytest -q; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo 'pytest collected no tests' >&2; exit 1; fi; exit $$rc
+
+# The browser tests/test_app_browser.py drives: Debian's chromium, installed with apt when missing and possible
+# (root); without one that test skips and says why.
+browser:
+	@sh scripts/ensure_browser.sh
+
+# vir-demo on the newest finished run under runs/ (its training_complete.json), or DEMO_RUN; `make train` first
+# only when there is none. http://DEMO_HOST:DEMO_PORT
+DEMO_PORT ?= 7860
+DEMO_HOST ?= 127.0.0.1
+DEMO_RUN ?=
+demo: $(STAMP)
+	@run="$(DEMO_RUN)"; \
+	if [ -z "$$run" ]; then \
+		run=$$(ls -t runs/*/training_complete.json 2>/dev/null | head -n 1 | xargs -r dirname); fi; \
+	if [ -z "$$run" ]; then \
+		echo "make demo: no finished run under runs/: running make train first" >&2; \
+		$(MAKE) train || exit $$?; run=runs/$(EXPERIMENT); fi; \
+	echo "make demo: serving $$run"; \
+	$(VENV)/bin/vir-demo "$$run" --port $(DEMO_PORT) --host $(DEMO_HOST)
 
 # Step-time breakdown of the demo's sizes, then vir against transformers' Llava + Trainer (BENCH_STEPS timed steps
 # per run, default 4; more steps, less noise): benchmarks/results/train_throughput.json.
