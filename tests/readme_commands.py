@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-CONSOLE_SCRIPTS = ("vir-train", "vir-validate", "vir-eval", "vir-chat", "vir-plan", "vir-export", "vir-merge")
+CONSOLE_SCRIPTS = ("vir-train", "vir-validate", "vir-eval", "vir-chat", "vir-plan", "vir-export", "vir-merge",
+                   "vir-demo")
 HYDRA_PROGRAMS = ("vir-train", "vir-validate", "vir-plan")  # Hydra overrides; the others take argparse flags
 
 _FENCE = re.compile(r"^```[ \t]*bash[ \t]*\n(.*?)^```", re.MULTILINE | re.DOTALL)

@@ -34,7 +34,7 @@ from vir.utils.config import compose_config
 COMMANDS = readme_commands()
 HYDRA_COMMANDS = [c for c in COMMANDS if c.program in HYDRA_PROGRAMS]
 MODULES = {"vir-eval": "vir.cli.eval", "vir-chat": "vir.cli.chat", "vir-export": "vir.cli.export",
-           "vir-merge": "vir.cli.merge"}
+           "vir-merge": "vir.cli.merge", "vir-demo": "vir.cli.demo"}
 ARGPARSE_COMMANDS = [c for c in COMMANDS + inline_commands() if c.program in MODULES]
 
 
@@ -177,7 +177,7 @@ def test_validate_command_checks_the_stage2_data_with_the_same_models(tmp_path):
     assert cfg.validate.split == "train" and cfg.validate.dump_dir == str(tmp_path / "tmp" / "check")
 
 
-# ------------------------------------------------- argparse commands: vir-eval, vir-chat, vir-export, vir-merge
+# ---------------------------------------- argparse commands: vir-eval, vir-chat, vir-export, vir-merge, vir-demo
 
 
 @pytest.fixture(scope="module")
@@ -224,6 +224,25 @@ def test_the_console_script_parses_the_command(command, monkeypatch, tmp_path, c
             assert seen.get("merge", True) is ("--no-merge" not in args)
             assert seen.get("llava", False) is ("llava" in args)
         assert (seen["run_dir"], seen["out_dir"]) == (args[0], args[1])
+    elif command.program == "vir-demo":
+        import vir.app.loading
+        import vir.app.ui
+        from vir.cli import demo as demo_cli
+
+        class FakeApp:
+            def queue(self, **kwargs):
+                return self
+
+            def launch(self, **kwargs):
+                seen.update(launch=kwargs)
+
+        monkeypatch.setattr(vir.app.loading, "load_chat_model", lambda path, **kw: seen.update(run_dir=path, **kw))
+        monkeypatch.setattr(vir.app.ui, "build_app", lambda engine, **kw: FakeApp())
+        monkeypatch.setattr(vir.app.ui, "allowed_paths", lambda engine: [])
+        demo_cli.main(args)
+        assert seen["run_dir"] == args[0]
+        if "--port" in args:
+            assert seen["launch"]["server_port"] == int(args[args.index("--port") + 1])
     elif command.program == "vir-eval":
         def fake_evaluate_run(run_dir, **kwargs):
             seen.update(run_dir=run_dir, **kwargs)
