@@ -4,6 +4,8 @@ vir-eval's, it streams, and every bad input costs a message while the engine kee
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -177,3 +179,21 @@ def test_vir_demo_on_a_wrong_path_exits_2_naming_it(make, expected, tmp_path, ca
     assert err.value.code == 2 and str(path) in message and expected in message
     with pytest.raises(ModelDirError):
         load_chat_model(path)
+
+
+@pytest.mark.parametrize("tool", ["vir-merge", "vir-export"])
+def test_a_merged_or_exported_run_answers_the_same(tool, ref, tmp_path):
+    """vir-demo also serves a vir-merge checkpoint (through load_run) and a vir-export directory (transformers'
+    LlavaForConditionalGeneration, prompted by its processor's chat template): the same greedy answer."""
+    module = {"vir-merge": "vir.cli.merge", "vir-export": "vir.cli.export"}[tool]
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", module, str(ref.run_dir), str(out)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    cm = load_chat_model(out, device="cpu")
+    assert cm.kind == ("hf" if tool == "vir-export" else "vir")
+    engine = ChatEngine(cm)
+    assert engine.answer([Turn(ref.question, open_images([ref.image]))], GREEDY) == ref.answer
+    assert str(out) in run_info.header_markdown(cm)
+    with pytest.raises(ChatInputError, match="context"):
+        engine.answer([Turn("red " * (cm.context_length + 10))], GREEDY)
