@@ -33,11 +33,13 @@ class ChatInputError(UserError):
 
 @dataclass
 class Turn:
-    """One exchange: the user's text, the images sent with it (opened, RGB) and the answer (None: pending)."""
+    """One exchange: the user's text, the images sent with it (opened, RGB), the answer (None: pending) and the
+    images' files (what the page shows)."""
 
     text: str
     images: List[Image.Image] = field(default_factory=list)
     answer: Optional[str] = None
+    sources: List[str] = field(default_factory=list)
 
 
 @dataclass

@@ -28,15 +28,18 @@ def _files(value) -> List[str]:
     return [str(getattr(item, "name", None) or getattr(item, "path", None) or item) for item in items]
 
 
-def _display(turns: List[Turn]) -> list:
+def _display(turns: List[Turn], partial: Optional[str] = None) -> list:
+    """The Chatbot's messages: each turn's images (thumbnails of the uploaded files), its text, its answer;
+    `partial` stands in for the last turn's answer while it streams."""
     rows = []
-    for turn in turns:
-        shown = turn.text
-        if turn.images:
-            shown = f"[{len(turn.images)} image{'s' if len(turn.images) > 1 else ''}] {shown}"
-        rows.append({"role": "user", "content": shown})
-        if turn.answer is not None:
-            rows.append({"role": "assistant", "content": turn.answer})
+    for k, turn in enumerate(turns):
+        rows.extend({"role": "user", "content": {"path": source}} for source in turn.sources)
+        if turn.images and not turn.sources:
+            rows.append({"role": "user", "content": f"[{len(turn.images)} image(s)]"})
+        rows.append({"role": "user", "content": turn.text})
+        answer = partial if k == len(turns) - 1 and partial is not None else turn.answer
+        if answer is not None:
+            rows.append({"role": "assistant", "content": answer})
     return rows
 
 
@@ -54,25 +57,24 @@ class Handlers:
         self.engine = engine
 
     def _stream(self, turns: List[Turn], sampling: Sampling):
-        pending = turns[-1]
         answer = ""
         for answer in self.engine.stream(turns, sampling):
-            yield _display(turns[:-1]) + _display([Turn(pending.text, pending.images)])[:1] + [
-                {"role": "assistant", "content": answer}]
-        pending.answer = answer
+            yield _display(turns, partial=answer)
+        turns[-1].answer = answer
 
     def send(self, question, files, turns, temperature, top_p, max_new_tokens):
         turns = list(turns or [])
         sampling = Sampling(float(temperature), float(top_p), int(max_new_tokens))
         try:
+            sources = _files(files)
             try:
-                images = open_images(_files(files))
+                images = open_images(sources)
             except ChatInputError:
                 files = None  # the message names the file; the upload box is emptied for the next try
                 raise
-            turns.append(Turn(str(question or ""), images))
+            turns.append(Turn(str(question or ""), images, sources=sources))
             self.engine.prepare(turns, sampling)  # every input check before the page changes
-            yield _display(turns[:-1]) + _display(turns[-1:]), turns[:-1], "Generating...", question, files
+            yield _display(turns), turns[:-1], "Generating...", question, files
             for shown in self._stream(turns, sampling):
                 yield shown, turns[:-1], "Generating...", "", None
             yield _display(turns), turns, f"Done ({len(turns)} turn{'s' if len(turns) > 1 else ''}).", "", None
@@ -86,7 +88,7 @@ class Handlers:
             yield [], [], "**Error:** Nothing to regenerate yet."
             return
         last = turns[-1]
-        turns[-1] = Turn(last.text, last.images)
+        turns[-1] = Turn(last.text, last.images, sources=last.sources)
         sampling = Sampling(float(temperature), float(top_p), int(max_new_tokens))
         try:
             for shown in self._stream(turns, sampling):
