@@ -108,6 +108,7 @@ def run_config(root: Path, data: Path, llm: Path, clip: Path, steps: int):
         f"data.train_path={data}", f"data.image_folder={data.parent}", f"training.output_dir={root / 'run'}",
         f"training.max_steps={steps}", f"training.per_device_train_batch_size={BATCH}", "training.save_steps=100000",
         "training.logging_steps=1000", "training.report_to=[]", "recipe.num_visualizer_samples=0",
+        *os.environ.get("BENCH_OURS_OVERRIDES", "").split(),  # e.g. "data.packing=false" to compare a variant
     ])
 
 
@@ -118,12 +119,19 @@ class Meter:
     def __init__(self):
         self.steps, self.real, self.padded, self.samples, self.start = 0, 0, 0, 0, None
 
-    def batch(self, inputs: dict) -> None:
-        if self.steps >= WARMUP:
+    def batch(self, inputs: dict, pad_id: int) -> None:
+        if self.steps < WARMUP:
+            return
+        if "attention_mask" in inputs:  # padded rows, a sample each
             mask = inputs["attention_mask"]
             self.real += int(mask.sum())
             self.padded += int(mask.numel())
             self.samples += int(mask.shape[0])
+        else:  # packed rows (vir.data.packing): samples start at position 0, a row's pad tail is pad ids
+            real = inputs["input_ids"] != pad_id
+            self.real += int(real.sum())
+            self.padded += int(real.numel())
+            self.samples += int(((inputs["position_ids"] == 0) & real).sum())
 
     def step_end(self) -> None:
         self.steps += 1
@@ -151,7 +159,7 @@ def _metered(trainer_class, meter: Meter):
             self.add_callback(StepEnd())
 
         def training_step(self, model, inputs, *args, **kwargs):
-            meter.batch(inputs)
+            meter.batch(inputs, getattr(self.processing_class, "pad_token_id", None))
             return super().training_step(model, inputs, *args, **kwargs)
 
     return Metered

@@ -62,6 +62,10 @@ CASES = {
                                r"model.pretrained_projector=.*none.bin: no such file"),
     "missing checkpoint": (lambda t: [f"training.resume_from_checkpoint={t / 'checkpoint-9'}"],
                            r"training.resume_from_checkpoint=.*checkpoint-9: no such directory"),
+    "no token budget": (lambda t: ["training.max_tokens_per_batch=0"],
+                        r"training.max_tokens_per_batch=0 must be >= 1 \(or null\)"),
+    "no packed row": (lambda t: ["data.packing=true", "data.pack_row_tokens=-5"],
+                      r"data.pack_row_tokens=-5 must be >= 1"),
     "LoRA with a trained tower": (lambda t: ["model.vision_tower.freeze=false"],
                                   r"stage2_lora cannot train the vision tower"),
 }

@@ -8,6 +8,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from vir.data.conversation import IGNORE_INDEX
+from vir.data.packing import pack_batch
 
 
 def pad_batch(
@@ -42,17 +43,25 @@ class DataCollatorForSupervisedDataset:
     none), which is the order in which the model meets the image tokens in `input_ids`. With
     `keep_record_events`, the items' `record_events` rows are concatenated under that key too, for the trainer
     to count and remove before the forward pass (`vir.data.accounting`).
+
+    With `packing`, the items share rows instead (`vir.data.packing`): `position_ids` restart per sample, there
+    is no `attention_mask` and almost no padding; `pack_row_tokens` caps a row (None: one row per batch).
     """
 
     pad_token_id: int
     pad_to_multiple_of: Optional[int] = None
     keep_record_events: bool = False
+    packing: bool = False
+    pack_row_tokens: Optional[int] = None
 
     def __post_init__(self):
         if self.pad_token_id is None:
             raise ValueError("pad_token_id is None: prepare the tokenizer with vir.models.builder.prepare_tokenizer")
 
     def __call__(self, instances: Sequence[dict]) -> dict[str, torch.Tensor]:
+        if self.packing:
+            batch = pack_batch(instances, self.pad_token_id, self.pack_row_tokens, self.pad_to_multiple_of)
+            return self._with_events(batch, instances)
         input_ids = [item["input_ids"] for item in instances]
         batch = {
             "input_ids": pad_batch(input_ids, self.pad_token_id, self.pad_to_multiple_of),
@@ -62,6 +71,9 @@ class DataCollatorForSupervisedDataset:
         }
         if "pixel_values" in instances[0]:
             batch["pixel_values"] = torch.cat([item["pixel_values"] for item in instances], dim=0)
+        return self._with_events(batch, instances)
+
+    def _with_events(self, batch: dict, instances: Sequence[dict]) -> dict:
         if self.keep_record_events and "record_events" in instances[0]:
             batch["record_events"] = torch.cat([item["record_events"] for item in instances], dim=0)
         return batch

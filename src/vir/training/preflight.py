@@ -85,6 +85,10 @@ def _check_options(cfg: Any) -> None:
     if cfg.data.template == "plain" and t.mode != "stage1":
         raise ConfigError(f"data.template=plain is LLaVA's stage-1 caption format (no chat turns); "
                           f"training.mode={t.mode} trains conversations: use data.template=llama3")
+    for key, value in (("data.pack_row_tokens", cfg.data.pack_row_tokens),
+                       ("training.max_tokens_per_batch", t.max_tokens_per_batch)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{key}={value} must be >= 1 (or null)")
     tower = model.vision_tower
     if tower.path is None and tower.image_size % tower.patch_size:
         raise ConfigError(f"model.vision_tower.image_size={tower.image_size} is not a multiple of "

@@ -147,7 +147,9 @@ def run_training(cfg: DictConfig, visualizer_samples: Optional[list] = None) -> 
         args=training_arguments(cfg, has_eval="eval" in datasets),
         train_dataset=datasets["train"],
         eval_dataset=datasets.get("eval"),
-        data_collator=DataCollatorForSupervisedDataset(tokenizer.pad_token_id, keep_record_events=True),
+        data_collator=DataCollatorForSupervisedDataset(tokenizer.pad_token_id, keep_record_events=True,
+                                                       packing=cfg.data.packing,
+                                                       pack_row_tokens=cfg.data.pack_row_tokens),
         processing_class=tokenizer,
         callbacks=callbacks,
         compute_metrics=token_accuracy if "eval" in datasets else None,
@@ -160,6 +162,7 @@ def run_training(cfg: DictConfig, visualizer_samples: Optional[list] = None) -> 
         length_grouping=cfg.training.length_grouping,
         record_ledger=ledger,
         max_nonfinite_steps=cfg.training.max_nonfinite_steps,
+        max_tokens_per_batch=cfg.training.max_tokens_per_batch,
     )
     if trainer.args.should_save:
         clear_finished(output_dir)

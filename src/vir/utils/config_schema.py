@@ -87,6 +87,11 @@ class DataConfig:
     num_workers: int = 0
     # At most this many fallback warnings (corrupt / missing / refused image) are logged per dataset.
     max_image_warnings: int = 20
+    # Padding-free batches (vir.data.packing): a micro-batch's samples share rows, position ids restarting per
+    # sample, attention never crossing samples; same loss and gradients as padding. Rows hold up to
+    # `pack_row_tokens` tokens (raised to the longest sample; null: the longest sample, padding's row width).
+    packing: bool = False
+    pack_row_tokens: Optional[int] = 1024
 
 
 @dataclass
@@ -117,6 +122,10 @@ class TrainingConfig:
     # and cut into batches of similar length (1 = LLaVA's grouping alone, which pads as much as no grouping
     # on one process; HF's group_by_length uses 50).
     length_grouping: int = 1
+    # Cut training micro-batches by tokens instead of samples: each holds up to this many tokens (packed ones
+    # with data.packing, else padded ones), many short samples or few long ones; per_device_train_batch_size
+    # then sizes evaluation only. Null: per_device_train_batch_size samples.
+    max_tokens_per_batch: Optional[int] = None
     gradient_checkpointing: bool = False
     # DeepSpeed ZeRO: zero2 | zero3 | zero3_offload (shipped in vir/conf/deepspeed/) or a JSON file; null = plain
     # DDP. Run under torchrun / accelerate launch / deepspeed with one process per device.
