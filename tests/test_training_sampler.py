@@ -114,3 +114,43 @@ def test_length_grouping_spreads_a_modality_smaller_than_a_megabatch_over_the_ep
 def test_length_grouping_needs_a_batch_size_that_divides_the_megabatch():
     with pytest.raises(ValueError, match="batch_size=3 must divide megabatch_size=8"):
         modality_grouped_indices(_lengths(8, 0), 8, batch_size=3)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_token_budget_batches_partition_within_budget_single_modality(padded):
+    from vir.training.sampler import token_budget_batches
+
+    lengths = _lengths(50, 20) + [500]  # one sample over the budget: a batch of its own
+    batches = token_budget_batches(lengths, 400, padded, torch.Generator().manual_seed(0))
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert [len(lengths) - 1] in batches
+    for batch in batches:
+        sizes = [abs(lengths[i]) for i in batch]
+        cost = len(sizes) * max(sizes) if padded else sum(sizes)
+        assert cost <= 400 or len(batch) == 1
+        assert not _is_mixed(batch, lengths)
+    # many short samples in a batch, few long ones
+    sizes = {len(b): max(abs(lengths[i]) for i in b) for b in batches}
+    assert max(sizes) > 2 * min(sizes)
+
+
+def test_token_budget_sampler_same_length_every_epoch_ranks_cover_the_data():
+    from vir.training.sampler import TokenBudgetBatchSampler
+
+    lengths = _lengths(45, 18)
+    samplers = [TokenBudgetBatchSampler(lengths, 300, world_size=2, rank=r, grad_accum=2, seed=3) for r in (0, 1)]
+    orders = []
+    for epoch in range(2):
+        seen = []
+        for sampler in samplers:
+            sampler.set_epoch(epoch)
+            batches = list(sampler)
+            assert len(batches) == len(sampler) and len(sampler) % 2 == 0
+            seen += [i for b in batches for i in b]
+        assert set(seen) == set(range(len(lengths)))  # the last step repeats a few batches, loses none
+        orders.append(seen)
+    assert orders[0] != orders[1]  # a new batch order each epoch
+    again = TokenBudgetBatchSampler(lengths, 300, world_size=2, rank=0, grad_accum=2, seed=3)
+    assert list(again) == list(TokenBudgetBatchSampler(lengths, 300, world_size=2, rank=0, grad_accum=2, seed=3))
+    with pytest.raises(ValueError, match="rank 2"):
+        TokenBudgetBatchSampler(lengths, 300, world_size=2, rank=2)

@@ -1,5 +1,6 @@
 """LLaVA's modality-grouped sampling: batches hold only multimodal or only text-only samples, of similar
-length, so padding is small and no batch mixes image and text-only work unevenly across ranks."""
+length, so padding is small and no batch mixes image and text-only work unevenly across ranks; and micro-batches
+cut by a token budget instead of a sample count (`TokenBudgetBatchSampler`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Iterator, List, Optional, Sequence
 
 import torch
 from torch.utils.data import Sampler
+from transformers.trainer_pt_utils import BatchRebalanceSampler
 
 
 def modality_grouped_indices(
@@ -85,3 +87,77 @@ def grouped_train_sampler(args, modality_lengths: Sequence[int], length_grouping
     megabatch = step_batch * args.gradient_accumulation_steps * length_grouping
     return ModalityGroupedSampler(modality_lengths, megabatch, seed=args.seed,
                                   batch_size=step_batch if length_grouping > 1 else None)
+
+
+def token_budget_batches(modality_lengths: Sequence[int], max_tokens: int, padded: bool = False,
+                         generator: Optional[torch.Generator] = None) -> List[List[int]]:
+    """Micro-batches of similar length, each within `max_tokens` (pure; every index exactly once).
+
+    Each modality (LLaVA's sign convention) is ordered by length (ties shuffled by `generator`) and cut
+    greedily: a batch grows while its tokens stay within the budget: the sum of its lengths (`padded=False`,
+    packed rows) or its size x its longest length (`padded=True`). A sample longer than the budget is a batch
+    of its own. Batches never mix modalities."""
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens={max_tokens} must be >= 1")
+    batches: List[List[int]] = []
+    for sign in (1, -1):
+        group = [i for i, length in enumerate(modality_lengths) if (length > 0) == (sign > 0)]
+        if generator is not None:
+            group = [group[k] for k in torch.randperm(len(group), generator=generator).tolist()]
+        group.sort(key=lambda i: abs(modality_lengths[i]))  # stable: ties keep the shuffled order
+        batch: List[int] = []
+        for index in group:
+            length = abs(modality_lengths[index])
+            cost = (len(batch) + 1) * length if padded else sum(abs(modality_lengths[i]) for i in batch) + length
+            if batch and cost > max_tokens:
+                batches.append(batch)
+                batch = []
+            batch.append(index)
+        if batch:
+            batches.append(batch)
+    return batches
+
+
+class TokenBudgetBatchSampler(BatchRebalanceSampler):
+    """Yields this process's micro-batches (lists of indices) of at most `max_tokens` tokens each, instead of a
+    fixed number of samples: many short samples or few long ones per step, fairseq's `batch_by_size`.
+
+    The batches are cut once (`token_budget_batches`, seeded) and their order is shuffled every epoch, so every
+    epoch has the same length, which the Trainer reads once. Each optimizer step takes `world_size x
+    grad_accum` consecutive batches, dealt to the processes round-robin; the last step is completed with
+    batches from the epoch's start (as accelerate's `even_batches` does), so no sample is left out. A
+    `BatchRebalanceSampler` for the Trainer: it is passed as the DataLoader's `batch_sampler` and is not
+    sharded again.
+    """
+
+    def __init__(self, modality_lengths: Sequence[int], max_tokens: int, world_size: int = 1, rank: int = 0,
+                 grad_accum: int = 1, seed: int = 0, padded: bool = False):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside a world of {world_size}")
+        self.batches = token_budget_batches(modality_lengths, max_tokens, padded, torch.Generator().manual_seed(seed))
+        self.per_step = world_size * grad_accum
+        self.world_size, self.rank, self.grad_accum, self.seed = world_size, rank, grad_accum, seed
+        self.num_steps = -(-len(self.batches) // self.per_step)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_steps * self.grad_accum
+
+    def __iter__(self) -> Iterator[List[int]]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.batches), generator=generator).tolist()
+        order += order[: self.num_steps * self.per_step - len(order)]
+        for step in range(self.num_steps):
+            for micro in range(self.grad_accum):
+                yield self.batches[order[step * self.per_step + micro * self.world_size + self.rank]]
+
+
+def token_budget_sampler(args, modality_lengths: Sequence[int], max_tokens: int,
+                         packed: bool) -> TokenBudgetBatchSampler:
+    """The token-budget sampler of a Trainer with `TrainingArguments` `args` on this process."""
+    return TokenBudgetBatchSampler(modality_lengths, max_tokens, world_size=max(1, args.world_size),
+                                   rank=args.process_index, grad_accum=args.gradient_accumulation_steps,
+                                   seed=args.seed, padded=not packed)

@@ -18,7 +18,7 @@ from vir.models.checkpoint import write_run_artifacts
 from vir.models.projector import PROJECTOR_FILE, load_projector_state_dict
 from vir.training.checkpoints import STAGING_DIR, STATE_FILE, checkpoint_dirs, publish
 from vir.training.distributed import all_processes_agree, sum_array_over_processes
-from vir.training.sampler import grouped_train_sampler
+from vir.training.sampler import grouped_train_sampler, token_budget_sampler
 from vir.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -84,7 +84,9 @@ class LlavaTrainer(Trainer):
     next to the weights; `mm_projector_lr` / `vision_tower_lr` override the learning rate of those parts;
     `group_by_modality_length` batches multimodal and text-only samples apart (LLaVA's sampler); `length_grouping`
     > 1 (which implies it) also batches samples of similar length (megabatches of that many step batches);
-    `record_ledger` counts the `record_events` of every batch that trains (and is saved in each checkpoint).
+    `record_ledger` counts the `record_events` of every batch that trains (and is saved in each checkpoint);
+    `max_tokens_per_batch` cuts training micro-batches by tokens instead of samples (`TokenBudgetBatchSampler`;
+    packed tokens when the collator packs, else padded ones).
     """
 
     def __init__(
@@ -98,6 +100,7 @@ class LlavaTrainer(Trainer):
         length_grouping: int = 1,
         record_ledger: Optional[RecordLedger] = None,
         max_nonfinite_steps: int = 10,
+        max_tokens_per_batch: Optional[int] = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -105,6 +108,7 @@ class LlavaTrainer(Trainer):
         if length_grouping < 1:
             raise ValueError(f"training.length_grouping={length_grouping} must be >= 1")
         self.length_grouping = length_grouping
+        self.max_tokens_per_batch = max_tokens_per_batch
         self.image_processor = image_processor
         self.run_config = run_config
         self.mm_projector_lr = mm_projector_lr
@@ -117,6 +121,9 @@ class LlavaTrainer(Trainer):
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset
+        if self.max_tokens_per_batch and hasattr(dataset, "modality_lengths"):
+            return token_budget_sampler(self.args, dataset.modality_lengths, self.max_tokens_per_batch,
+                                        packed=getattr(self.data_collator, "packing", False))
         grouped = self.group_by_modality_length or self.length_grouping > 1
         if grouped and hasattr(dataset, "modality_lengths"):
             return grouped_train_sampler(self.args, dataset.modality_lengths, self.length_grouping)
