@@ -108,3 +108,36 @@ def test_black_image():
     assert black_image(5).size == (5, 5)
     img = black_image((4, 3))
     assert img.size == (4, 3) and img.mode == "RGB" and img.getextrema() == ((0, 0),) * 3
+
+
+def _scene(width: int, height: int) -> Image.Image:
+    """A large photo-like image: gradients and waves of about 20 pixels' period once at 112 px."""
+    y, x = np.mgrid[0:height, 0:width]
+    waves = 127.5 + 127.5 * np.sin(x * 2 * np.pi / (width / 6)) * np.cos(y * 2 * np.pi / (height / 4))
+    pixels = np.stack([x * 255 // width, y * 255 // height, waves], axis=-1)
+    return Image.fromarray(pixels.astype(np.uint8), "RGB")
+
+
+@pytest.mark.parametrize("suffix, expected_size", [("jpg", (375, 250)), ("png", (342, 228))])
+def test_large_images_decode_reduced_and_process_like_the_full_size(folder, suffix, expected_size):
+    from transformers import CLIPImageProcessor
+
+    from vir.data.images import preprocess_images
+
+    name = _save(_scene(3000, 2000), folder / f"big.{suffix}", quality=95) if suffix == "jpg" else \
+        _save(_scene(2400, 1600), folder / f"big.{suffix}")
+    reduced, status = load_image(name, folder, min_side=112)
+    full, _ = load_image(name, folder)
+    assert status == "ok" and reduced.size == expected_size  # JPEG: 1/8 DCT scale; PNG: box-reduced by 7
+    assert min(reduced.size) >= 2 * 112 and full.size[0] > 2000
+    processor = CLIPImageProcessor(size={"shortest_edge": 112}, crop_size={"height": 112, "width": 112})
+    for ratio in ("pad", "crop"):
+        a = preprocess_images([reduced], processor, ratio)
+        b = preprocess_images([full], processor, ratio)
+        assert a.shape == b.shape == (1, 3, 112, 112)
+        assert float((a - b).abs().mean()) < 0.02  # normalised units: about 1/255  # normalised units: about 1/255
+
+
+def test_small_images_are_not_reduced(folder):
+    name = _save(_scene(400, 300), folder / "small.jpg")
+    assert load_image(name, folder, min_side=112)[0].size == (400, 300)

@@ -288,7 +288,7 @@ class LazySupervisedDataset(Dataset):
         """The record's processed images and each one's load status."""
         images, statuses = [], []
         for path in record.images:
-            image, status = load_image(path, self.image_folder)
+            image, status = load_image(path, self.image_folder, min(_processor_image_size(self.image_processor)))
             statuses.append(status)
             self._counters.add(f"images_{status}")
             if image is None:

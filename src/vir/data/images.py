@@ -51,8 +51,10 @@ def resolve_image_path(path: str, image_folder: Union[str, Path]) -> Optional[Pa
     return target if target.is_relative_to(root) else None
 
 
-def load_image(path: str, image_folder: Union[str, Path]) -> tuple[Optional[Image.Image], str]:
-    """Open `image_folder / path` fully decoded as RGB; returns `(image or None, status)` (see module doc)."""
+def load_image(path: str, image_folder: Union[str, Path],
+               min_side: Optional[int] = None) -> tuple[Optional[Image.Image], str]:
+    """Open `image_folder / path` fully decoded as RGB; returns `(image or None, status)` (see module doc).
+    With `min_side` (the model's input side), a large image comes back reduced (`decoded_rgb`)."""
     target = resolve_image_path(path, image_folder)
     if target is None:
         return None, IMAGE_REFUSED
@@ -66,7 +68,7 @@ def load_image(path: str, image_folder: Union[str, Path]) -> tuple[Optional[Imag
             with Image.open(target) as img:
                 if too_large(img):
                     return None, IMAGE_TOO_LARGE
-                return decoded_rgb(img), IMAGE_OK
+                return decoded_rgb(img, min_side), IMAGE_OK
     except Image.DecompressionBombError:  # PIL's own check, at twice its (global) limit
         return None, IMAGE_TOO_LARGE
     except Exception as err:  # noqa: BLE001 - see above
@@ -79,20 +81,35 @@ def too_large(img: Image.Image) -> bool:
     return img.width * img.height > MAX_IMAGE_PIXELS
 
 
-def decoded_rgb(img: Image.Image) -> Image.Image:
+def decoded_rgb(img: Image.Image, min_side: Optional[int] = None) -> Image.Image:
     """`img` fully decoded (a truncated file fails here, not in a worker later), turned upright by its EXIF
-    orientation (phone photos are stored sideways with a rotate tag), as RGB."""
+    orientation (phone photos are stored sideways with a rotate tag), as RGB.
+
+    With `min_side`, an image whose shorter side is at least 4x `min_side` is reduced by the largest integer
+    factor that keeps that side >= 2x `min_side` (enough for the processor's own antialiased resize): a JPEG
+    is decoded at 1/2, 1/4 or 1/8 scale by its DCT (`draft`), so its full-size pixels never exist; other
+    formats are box-reduced (`Image.reduce`) right after decoding, so no full-size copy outlives the load."""
+    factor = min(img.size) // (2 * min_side) if min_side else 1
+    if factor >= 2 and img.format == "JPEG":
+        img.draft(None, (img.width // factor, img.height // factor))  # the smallest DCT scale >= that size
     img.load()
-    return to_rgb(ImageOps.exif_transpose(img))
+    rgb = to_rgb(ImageOps.exif_transpose(img))
+    factor = min(rgb.size) // (2 * min_side) if min_side else 1
+    if factor < 2:
+        return rgb
+    # Whole factor x factor blocks: the right and bottom edges lose under `factor` source pixels (under one
+    # output pixel), and the scale stays exactly 1/factor on both axes.
+    return rgb.reduce(factor, box=(0, 0, rgb.width // factor * factor, rgb.height // factor * factor))
 
 
 class ImageFileError(UserError):
     """An image a user named directly (not a data record's) cannot be used; the message says why."""
 
 
-def open_user_image(path: Union[str, Path]) -> Image.Image:
+def open_user_image(path: Union[str, Path], min_side: Optional[int] = None) -> Image.Image:
     """An image given on a command line (`vir-chat --image`) as upright RGB, or `ImageFileError` naming the path
-    and the reason: missing, not an image, truncated or corrupt, or over PIL's decompression-bomb limit."""
+    and the reason: missing, not an image, truncated or corrupt, or over PIL's decompression-bomb limit.
+    `min_side` reduces a large image as `decoded_rgb` does."""
     path = Path(path)
     if not path.is_file():
         raise ImageFileError(f"image not found: {path}")
@@ -103,7 +120,7 @@ def open_user_image(path: Union[str, Path]) -> Image.Image:
                 if too_large(img):
                     raise ImageFileError(f"{path}: image too large ({img.width} x {img.height} pixels); the limit "
                                          f"is {MAX_IMAGE_PIXELS} pixels")
-                return decoded_rgb(img)
+                return decoded_rgb(img, min_side)
     except ImageFileError:
         raise
     except Image.DecompressionBombError as err:
