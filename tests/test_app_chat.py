@@ -197,3 +197,14 @@ def test_a_merged_or_exported_run_answers_the_same(tool, ref, tmp_path):
     assert str(out) in run_info.header_markdown(cm)
     with pytest.raises(ChatInputError, match="context"):
         engine.answer([Turn("red " * (cm.context_length + 10))], GREEDY)
+
+
+def test_a_reader_that_leaves_mid_answer_stops_the_generation(engine, ref):
+    seen = threading.Event()
+    slow = _SlowModel(engine.cm.model, engine.cm.tokenizer, seen)
+    stream = ChatEngine(dataclasses.replace(engine.cm, model=slow)).stream(
+        [Turn(ref.question, open_images([ref.image]))], GREEDY)
+    assert next(stream) == "one"
+    seen.set()
+    stream.close()  # returns only once the generating thread has ended: the lock is free for the next question
+    assert engine.answer([Turn(ref.question, open_images([ref.image]))], GREEDY) == ref.answer

@@ -17,7 +17,7 @@ from typing import Iterator, List, Optional, Sequence, Union
 
 import torch
 from PIL import Image
-from transformers import TextIteratorStreamer
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from vir.app.loading import ChatModel
 from vir.data.conversation import Message
@@ -67,6 +67,16 @@ def _reason(err: Exception, path) -> str:
     text = str(err)
     prefix = f"{path}: "
     return text[len(prefix):] if text.startswith(prefix) else text
+
+
+class _StopWhen(StoppingCriteria):
+    """Ends generation once `event` is set (the caller stopped reading)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 class ChatEngine:
@@ -141,15 +151,20 @@ class ChatEngine:
                 result["error"] = err
                 streamer.end()
 
+        stop = threading.Event()
+        kwargs["stopping_criteria"] = StoppingCriteriaList([_StopWhen(stop)])
         with self._lock:
             thread = threading.Thread(target=run, daemon=True)
             thread.start()
             text = ""
-            for piece in streamer:
-                if piece:
-                    text += piece
-                    yield text.strip()
-            thread.join()
+            try:
+                for piece in streamer:
+                    if piece:
+                        text += piece
+                        yield text.strip()
+            finally:  # the page went away mid-answer (generator closed): stop generating before the next one
+                stop.set()
+                thread.join()
         if "error" in result:
             raise ChatInputError(f"Generation failed: {result['error']}")
         new_ids = result["ids"][0, inputs["input_ids"].shape[1]:]
