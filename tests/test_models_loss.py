@@ -75,3 +75,48 @@ def test_the_training_mode_sets_the_chunk_size_from_the_config(tmp_path_factory,
         model = apply_training_mode(build_all(cfg)[0], cfg.training)
         assert model.get_base_model().loss_chunk_size == chunk
     assert run_config(bases, tmp_path, "stage2_lora").training.loss_chunk_size == 1024  # on by default
+
+
+def test_on_a_gpu_liger_kernels_fused_loss_takes_the_selected_rows(monkeypatch):
+    """The GPU path's wiring (the kernel itself needs Triton on a GPU): where liger-kernel is installed and the
+    head is a plain local Linear, the trained rows and the head's weight go to its fused loss, summed."""
+    import sys
+    import types
+
+    from vir.models import loss as loss_module
+
+    calls = []
+
+    class FakeLiger(torch.nn.Module):  # liger's API: forward(lin_weight, _input, target)
+        def __init__(self, ignore_index, reduction):
+            super().__init__()
+            assert ignore_index == -100 and reduction == "sum"
+
+        def forward(self, weight, rows, target):
+            calls.append((rows.shape[0], target.tolist()))
+            return F.cross_entropy(rows @ weight.t(), target, reduction="sum")
+
+    module = types.ModuleType("liger_kernel.transformers.fused_linear_cross_entropy")
+    module.LigerFusedLinearCrossEntropyLoss = FakeLiger
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.fused_linear_cross_entropy", module)
+    monkeypatch.setattr(loss_module, "fused_loss_applies", lambda hidden, head: True)
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 6, 8, requires_grad=True)
+    head = torch.nn.Linear(8, 20, bias=False)
+    labels = torch.randint(0, 20, (2, 6))
+    labels[0, :3] = -100
+    ours = chunked_causal_lm_loss(hidden, head, labels, chunk_size=2)
+    assert calls == [(8, labels[:, 1:][labels[:, 1:] != -100].tolist())]  # one call, the trained rows only
+    torch.testing.assert_close(ours, _reference(hidden, head, labels), atol=1e-6, rtol=1e-5)
+
+
+def test_the_fused_loss_is_only_for_a_plain_linear_head_on_a_gpu():
+    from vir.models.loss import fused_loss_applies
+
+    head = torch.nn.Linear(8, 20, bias=False)
+    assert not fused_loss_applies(torch.randn(1, 2, 8), head)  # CPU: the chunks
+    if torch.cuda.is_available():
+        assert fused_loss_applies(torch.randn(1, 2, 8, device="cuda"), head.cuda())
+        partitioned = torch.nn.Linear(8, 20, bias=False).cuda()
+        partitioned.weight = torch.nn.Parameter(torch.empty(0, device="cuda"))  # ZeRO-3's placeholder
+        assert not fused_loss_applies(torch.randn(1, 2, 8, device="cuda"), partitioned)
