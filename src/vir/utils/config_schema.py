@@ -90,7 +90,7 @@ class DataConfig:
     # Padding-free batches (vir.data.packing): a micro-batch's samples share rows, position ids restarting per
     # sample, attention never crossing samples; same loss and gradients as padding. Rows hold up to
     # `pack_row_tokens` tokens (raised to the longest sample; null: the longest sample, padding's row width).
-    packing: bool = False
+    packing: bool = True
     pack_row_tokens: Optional[int] = 1024
 
 
