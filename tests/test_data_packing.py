@@ -19,6 +19,9 @@ def test_rows_balanced_under_the_cap_the_longest_sample_by_default():
     rows = pack_rows(lengths, row_tokens=200)  # 206 tokens: two rows of 103, not 179 + 27
     assert sorted(i for row in rows for i in row) == list(range(6))
     assert sorted(sum(lengths[i] for i in row) for row in rows) == [103, 103]
+    # longest-first alone gives rows of 9 and 11 tokens; a swap makes them 10 and 10, within the cap
+    rows = pack_rows([5, 5, 4, 3, 3], row_tokens=10)
+    assert sorted(sum([5, 5, 4, 3, 3][i] for i in row) for row in rows) == [10, 10]
     rows = pack_rows([6, 3, 3, 2, 5], row_tokens=8)
     assert len(rows) == 3 and all(sum([6, 3, 3, 2, 5][i] for i in row) <= 8 for row in rows)
     assert pack_rows([10, 2], row_tokens=4) == [[0], [1]]  # the cap rises to the longest sample

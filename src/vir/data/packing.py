@@ -29,7 +29,8 @@ def pack_rows(lengths: Sequence[int], row_tokens: Optional[int] = None) -> List[
 
     The batch is padded to its longest row, so it costs rows x longest row: for each row count from the fewest
     that can hold the tokens up to one per sample, samples are placed longest first, each into the shortest
-    row so far, and the cheapest layout within the cap wins (fewer rows on a tie). A cap of at least the
+    row so far, then moved or swapped out of the longest row while that shortens it; the cheapest layout
+    within the cap wins (fewer rows on a tie). A cap of at least the
     batch's total puts everything in one row."""
     if not lengths:
         raise ValueError("cannot pack an empty batch")
@@ -46,12 +47,43 @@ def pack_rows(lengths: Sequence[int], row_tokens: Optional[int] = None) -> List[
             used, row = heapq.heappop(heap)
             rows[row].append(index)
             heapq.heappush(heap, (used + lengths[index], row))
-        width = max(used for used, _ in heap)
+        width = _rebalance(rows, lengths)
         if width <= capacity and (best_cost is None or num_rows * width < best_cost):
             best, best_cost = rows, num_rows * width
         if best_cost == total:
             break
     return [sorted(row) for row in best]  # keep the sampler's order inside a row
+
+
+def _rebalance(rows: List[List[int]], lengths: Sequence[int]) -> int:
+    """Lower the longest row in place by moving one of its samples to another row, or swapping it for a shorter
+    one, while that makes both rows shorter than it was; returns the final longest row's tokens."""
+    used = [sum(lengths[i] for i in row) for row in rows]
+    improved = True
+    while improved and len(rows) > 1:
+        improved = False
+        top = max(range(len(rows)), key=used.__getitem__)
+        for a in rows[top]:
+            for other in range(len(rows)):
+                if other == top:
+                    continue
+                for b in [None, *rows[other]]:
+                    delta = lengths[a] - (lengths[b] if b is not None else 0)
+                    if delta > 0 and used[other] + delta < used[top]:
+                        rows[top].remove(a)
+                        rows[other].append(a)
+                        if b is not None:
+                            rows[other].remove(b)
+                            rows[top].append(b)
+                        used[top] -= delta
+                        used[other] += delta
+                        improved = True
+                        break
+                if improved:
+                    break
+            if improved:
+                break
+    return max(used)
 
 
 def pack_batch(instances: Sequence[dict], pad_token_id: int, row_tokens: Optional[int] = None,
