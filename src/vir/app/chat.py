@@ -51,13 +51,14 @@ class Sampling:
     max_new_tokens: int = 64
 
 
-def open_images(paths: Sequence[Union[str, Path]]) -> List[Image.Image]:
+def open_images(paths: Sequence[Union[str, Path]], min_side: Optional[int] = None) -> List[Image.Image]:
     """Uploaded files as RGB images, or ChatInputError naming the file that is missing, not an image,
-    corrupt or too large."""
+    corrupt or too large. `min_side` (the model's input side) reduces large images as training and `vir-eval`
+    do."""
     images = []
     for path in paths:
         try:
-            images.append(open_user_image(path))
+            images.append(open_user_image(path, min_side))
         except UserError as err:
             raise ChatInputError(f"Cannot use the upload {Path(path).name}: {_reason(err, path)}") from None
     return images

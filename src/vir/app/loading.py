@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from vir.data.conversation import DEFAULT_IMAGE_TOKEN, Message
-from vir.data.images import preprocess_images
+from vir.data.images import preprocess_images, processor_image_size
 from vir.data.templates import build_generation_prompt
 from vir.utils.errors import UserError
 
@@ -54,6 +54,11 @@ class ChatModel:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+    @property
+    def image_side(self) -> Optional[int]:
+        """The model's image input side (large uploads are reduced to about twice it), None without images."""
+        return min(processor_image_size(self.image_processor)) if self.image_processor is not None else None
 
     @property
     def pad_id(self) -> int:

@@ -68,7 +68,7 @@ class Handlers:
         try:
             sources = _files(files)
             try:
-                images = open_images(sources)
+                images = open_images(sources, self.engine.cm.image_side)
             except ChatInputError:
                 files = None  # the message names the file; the upload box is emptied for the next try
                 raise

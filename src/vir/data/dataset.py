@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -18,11 +18,29 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from vir.data.accounting import record_events
-from vir.data.conversation import DEFAULT_IMAGE_TOKEN, MISSING_ID_PREFIX, InvalidRecordError, Record, normalize_record
+from vir.data.conversation import (
+    DEFAULT_IMAGE_TOKEN,
+    MISSING_ID_PREFIX,
+    InvalidRecordError,
+    Record,
+    normalize_record,
+)
 from vir.data.counters import SharedCounters
-from vir.data.images import IMAGE_ASPECT_RATIOS, IMAGE_OK, black_image, load_image, preprocess_images
+from vir.data.images import (
+    IMAGE_ASPECT_RATIOS,
+    IMAGE_OK,
+    black_image,
+    load_image,
+    preprocess_images,
+    processor_image_size,
+)
 from vir.data.records import DataFileError, RecordStore, read_raw_records
-from vir.data.templates import TruncationResult, build_example, get_template, truncate_example
+from vir.data.templates import (
+    TruncationResult,
+    build_example,
+    get_template,
+    truncate_example,
+)
 from vir.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -288,13 +306,13 @@ class LazySupervisedDataset(Dataset):
         """The record's processed images and each one's load status."""
         images, statuses = [], []
         for path in record.images:
-            image, status = load_image(path, self.image_folder, min(_processor_image_size(self.image_processor)))
+            image, status = load_image(path, self.image_folder, min(processor_image_size(self.image_processor)))
             statuses.append(status)
             self._counters.add(f"images_{status}")
             if image is None:
                 self._warn_limited("_image_warnings", "record %r: image %s is %s (under %s); using a black image",
                                    record.id, path, status, self.image_folder)
-                image = black_image(_processor_image_size(self.image_processor))
+                image = black_image(processor_image_size(self.image_processor))
             images.append(image)
         if not images:
             return torch.zeros((0, *self.pixel_shape)), statuses
@@ -307,7 +325,7 @@ class LazySupervisedDataset(Dataset):
     def pixel_shape(self) -> tuple[int, ...]:
         """`(3, H, W)` of one processed image."""
         if self._pixel_shape is None:
-            self._pixel_shape = tuple(self._process([black_image(_processor_image_size(self.image_processor))])
+            self._pixel_shape = tuple(self._process([black_image(processor_image_size(self.image_processor))])
                                       .shape[1:])
         return self._pixel_shape
 
@@ -353,17 +371,3 @@ def _image_token_id(tokenizer: PreTrainedTokenizerBase, image_token: str) -> int
         raise ValueError(f"the tokenizer has no {image_token!r} token: prepare it with "
                          f"vir.models.builder.prepare_tokenizer (model.image_token)")
     return token_id
-
-
-def _processor_image_size(image_processor: Any) -> tuple[int, int]:
-    """`(width, height)` the processor produces: its crop size, else its resize size."""
-    for attr in ("crop_size", "size"):
-        size = getattr(image_processor, attr, None)
-        if size is None:
-            continue
-        get = size.get if isinstance(size, Mapping) else (lambda key, s=size: getattr(s, key, None))
-        if get("height") and get("width"):
-            return int(get("width")), int(get("height"))
-        if get("shortest_edge"):
-            return int(get("shortest_edge")), int(get("shortest_edge"))
-    raise ValueError(f"cannot tell the output size of {type(image_processor).__name__} (no crop_size/size)")

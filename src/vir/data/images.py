@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -191,3 +191,17 @@ def preprocess_images(images: list, image_processor, image_aspect_ratio: str = "
         background = tuple(int(mean * 255) for mean in image_processor.image_mean)
         images = [expand_to_square(image, background) for image in images]
     return image_processor(images=images, return_tensors="pt")["pixel_values"].float()
+
+
+def processor_image_size(image_processor: Any) -> tuple[int, int]:
+    """`(width, height)` the processor produces: its crop size, else its resize size."""
+    for attr in ("crop_size", "size"):
+        size = getattr(image_processor, attr, None)
+        if size is None:
+            continue
+        get = size.get if isinstance(size, Mapping) else (lambda key, s=size: getattr(s, key, None))
+        if get("height") and get("width"):
+            return int(get("width")), int(get("height"))
+        if get("shortest_edge"):
+            return int(get("shortest_edge")), int(get("shortest_edge"))
+    raise ValueError(f"cannot tell the output size of {type(image_processor).__name__} (no crop_size/size)")

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from vir.data.conversation import DEFAULT_IMAGE_TOKEN, normalize_record
-from vir.data.images import black_image, load_image
+from vir.data.images import black_image, load_image, processor_image_size
 from vir.data.records import read_raw_records
 from vir.inference.generate import Query, generate_answers
 from vir.inference.scoring import accuracy_by_type, exact_match, overall_accuracy
@@ -42,10 +42,11 @@ class EvalResult:
 
 
 def load_eval_items(data_path: str | Path, image_folder: Optional[str | Path] = None,
-                    image_token: str = DEFAULT_IMAGE_TOKEN) -> List[EvalItem]:
+                    image_token: str = DEFAULT_IMAGE_TOKEN, min_side: Optional[int] = None) -> List[EvalItem]:
     """Items from a LLaVA-format file (JSON list or JSONL, read as training reads it): each record's last
     assistant turn is the reference, the turns before it the prompt. `answer` / `question_type` record keys are
-    used when present. `image_token` is the run's `model.image_token`."""
+    used when present. `image_token` is the run's `model.image_token`; `min_side` (the model's input side)
+    reduces large images as training does (`vir.data.images.decoded_rgb`)."""
     path = Path(data_path)
     folder = Path(image_folder) if image_folder else path.parent
     items = []
@@ -54,7 +55,7 @@ def load_eval_items(data_path: str | Path, image_folder: Optional[str | Path] = 
         last = max(k for k, m in enumerate(record.messages) if m.role == "assistant")
         images = []
         for image_path in record.images:
-            image, status = load_image(image_path, folder)
+            image, status = load_image(image_path, folder, min_side)
             if image is None:
                 raise FileNotFoundError(f"evaluation record {record.id!r}: image {image_path} is {status}")
             images.append(image)
@@ -119,7 +120,8 @@ def evaluate_run(run_dir, split: str = "test", data_path: Optional[str] = None, 
     path = data_path or run_cfg.data.get(f"{split}_path")
     if not path:
         raise ValueError(f"{run_dir}: its config has no data.{split}_path; pass a data file explicitly")
-    items = load_eval_items(path, run_cfg.data.image_folder, run_cfg.model.image_token)[:limit]
+    items = load_eval_items(path, run_cfg.data.image_folder, run_cfg.model.image_token,
+                            min(processor_image_size(image_processor)))[:limit]
     kwargs = dict(template=run_cfg.data.template, image_aspect_ratio=run_cfg.data.image_aspect_ratio,
                   system_prompt=run_cfg.data.system_prompt, max_new_tokens=max_new_tokens, batch_size=batch_size)
     if blind:
