@@ -63,3 +63,17 @@ def test_packed_batches_waste_little(packed_run):
     lengths = [abs(n) for n in dataset.modality_lengths]
     padded = sum(8 * max(lengths[i:i + 8]) for i in range(0, len(lengths), 8))
     assert 1 - sum(lengths) / padded > 2 * (1 - real / total)
+
+
+def test_evaluation_batches_stay_padded_one_sample_per_row(packed_run):
+    """Predictions are gathered across processes row by row: packed eval rows (a different count on each
+    process) would break the gather, so only training batches pack."""
+    bases, cfg, run, _ = packed_run
+    trainer = run.trainer
+    assert trainer.data_collator.packing
+    train_batch = next(iter(trainer.get_train_dataloader()))
+    eval_batch = next(iter(trainer.get_eval_dataloader(trainer.train_dataset)))
+    assert "position_ids" in train_batch and "attention_mask" not in train_batch
+    assert "attention_mask" in eval_batch and "position_ids" not in eval_batch
+    assert eval_batch["input_ids"].shape[0] == trainer.args.per_device_eval_batch_size
+    assert trainer.data_collator.packing  # restored for training

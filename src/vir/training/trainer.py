@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -191,6 +193,26 @@ class LlavaTrainer(Trainer):
         if events is not None and self.record_ledger is not None:
             self.record_ledger.add(events)
         return super().training_step(model, inputs, num_items_in_batch)
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        with self._one_sample_per_row():
+            return super().get_eval_dataloader(eval_dataset)
+
+    def get_test_dataloader(self, test_dataset):
+        with self._one_sample_per_row():
+            return super().get_test_dataloader(test_dataset)
+
+    @contextlib.contextmanager
+    def _one_sample_per_row(self):
+        """Evaluation batches are padded, never packed: the Trainer gathers predictions across processes row by
+        row (equal row counts everywhere) and scores them per sample."""
+        collator = self.data_collator
+        if getattr(collator, "packing", False) and dataclasses.is_dataclass(collator):
+            self.data_collator = dataclasses.replace(collator, packing=False)
+        try:
+            yield
+        finally:
+            self.data_collator = collator
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs.pop("record_events", None)
