@@ -1,6 +1,7 @@
-"""Data-parallel training of the library's stage on 2 CPU processes (torchrun, gloo): plain DDP, DeepSpeed ZeRO-2
-and ZeRO-3 end with the same weights on both ranks and the same losses and weights as one process with the same
-global batch (`training.global_batch_size`), and the run's `mm_projector.bin` is the full projector."""
+"""Data-parallel training of the library's stage on 2 CPU processes (torchrun, gloo): plain DDP (also under
+`accelerate launch`), DeepSpeed ZeRO-2 and ZeRO-3 end with the same weights on both ranks and the same losses
+and weights as one process with the same global batch (`training.global_batch_size`), and the run's
+`mm_projector.bin` is the full projector."""
 
 from __future__ import annotations
 
@@ -34,16 +35,21 @@ def runs(tmp_path_factory):
         "training.learning_rate=1e-3", "training.lora_r=8", "training.lora_alpha=16", "training.lora_dropout=0.0",
         "training.warmup_ratio=0.0", "training.mm_projector_lr=null",
     ]
-    variants = {"one": (1, []), "ddp": (2, []), "zero2": (2, ["training.deepspeed=zero2"]),
+    variants = {"one": (1, []), "ddp": (2, []), "accelerate": (2, []), "zero2": (2, ["training.deepspeed=zero2"]),
                 "zero3": (2, ["training.deepspeed=zero3"]),
                 # ZeRO-3 again, resumed from the ZeRO-3 run's checkpoint of step STEPS - 1
-                "zero3_resumed": (2, ["training.deepspeed=zero3",
-                                      f"training.resume_from_checkpoint={root / 'zero3' / 'run' / f'checkpoint-{STEPS - 1}'}"])}
+                "zero3_resumed": (2, ["training.deepspeed=zero3", "training.resume_from_checkpoint="
+                                      f"{root / 'zero3' / 'run' / f'checkpoint-{STEPS - 1}'}"])}
     results = {}
     for name, (procs, extra) in variants.items():
         out = root / name
-        command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", f"--nproc_per_node={procs}",
-                   str(DRIVER), str(out), *common, f"training.output_dir={out / 'run'}", *extra]
+        bin_dir = Path(sys.executable).parent
+        if name == "accelerate":  # `accelerate launch`: its multi-process launcher; on a CPU vir picks gloo
+            launcher = [str(bin_dir / "accelerate"), "launch", "--multi_gpu", f"--num_processes={procs}",
+                        "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no"]
+        else:
+            launcher = [str(bin_dir / "torchrun"), "--standalone", f"--nproc_per_node={procs}"]
+        command = [*launcher, str(DRIVER), str(out), *common, f"training.output_dir={out / 'run'}", *extra]
         proc = subprocess.run(command, capture_output=True, text=True, timeout=600,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert proc.returncode == 0, f"{name}: {proc.stderr[-3000:]}"
@@ -59,7 +65,7 @@ def _max_difference(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-@pytest.mark.parametrize("name", ["ddp", "zero2", "zero3"])
+@pytest.mark.parametrize("name", ["ddp", "accelerate", "zero2", "zero3"])
 def test_two_processes_train_what_one_process_does(runs, name):
     losses, weights, _ = runs[name]
     one_losses, one_weights, _ = runs["one"]
