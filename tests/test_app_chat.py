@@ -208,3 +208,4 @@ def test_a_reader_that_leaves_mid_answer_stops_the_generation(engine, ref):
     seen.set()
     stream.close()  # returns only once the generating thread has ended: the lock is free for the next question
     assert engine.answer([Turn(ref.question, open_images([ref.image]))], GREEDY) == ref.answer
+

@@ -165,3 +165,33 @@ def test_ensure_initialised_gives_an_empty_or_broken_projector_real_values():
     before = healthy.weight.detach().clone()
     ensure_initialised(healthy, "fine")
     assert torch.equal(healthy.weight, before)  # a usable layer is left alone
+
+
+@pytest.mark.parametrize("tool", [None, "vir-merge", "vir-export"])
+def test_vir_demo_loads_a_run_merge_or_export_in_4bit_and_answers(bases, tmp_path, tool):
+    """`vir-demo --load-in-4bit` on a run trained in full precision, on its vir-merge and on its vir-export
+    output: the LLM's decoder layers load as nf4, the tower and the projector do not, and the chat engine
+    streams an answer for a test image (hidden 64: see `bases`)."""
+    from vir.app.chat import ChatEngine, Sampling, Turn, open_images
+    from vir.app.loading import load_chat_model
+
+    cfg = run_config(bases, tmp_path / "run", "stage2_lora", "training.max_steps=1")
+    path = train(cfg).output_dir
+    if tool is not None:
+        module = {"vir-merge": "vir.cli.merge", "vir-export": "vir.cli.export"}[tool]
+        out = tmp_path / "out"
+        done = subprocess.run([sys.executable, "-m", module, str(path), str(out)], capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        path = out
+    cm = load_chat_model(path, device="cpu", load_in_4bit=True)
+    assert is_quantized(cm.model)
+    kinds = _linear_kinds(cm.model)
+    assert any(kind == "Linear4bit" and ".layers." in name for name, kind in kinds.items())
+    assert not any(kind == "Linear4bit" and ("vision_tower" in name or "projector" in name)
+                   for name, kind in kinds.items())
+    item = load_eval_items(bases.data.test, bases.data.root)[0]
+    question = item.query.messages[-1].content.replace("<image>", "").strip()
+    image = bases.data.root / item.image_paths[0]
+    partials = list(ChatEngine(cm).stream([Turn(question, open_images([image]))], Sampling(max_new_tokens=4)))
+    assert partials and isinstance(partials[-1], str)

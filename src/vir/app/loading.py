@@ -123,14 +123,13 @@ def model_kind(path: Path) -> str:
 
 def load_chat_model(path, device: Optional[str] = None, dtype: str = "fp32", load_in_4bit: bool = False) -> ChatModel:
     """Load `path` for chatting on `device` (default: the GPU when there is one, else the CPU) in `dtype`
-    (`fp32` or `bf16`); `load_in_4bit` quantises an export's weights with bitsandbytes (a CUDA device)."""
+    (`fp32` or `bf16`); `load_in_4bit` loads the LLM's weights in nf4 with bitsandbytes (a run, a merge or an
+    export; the tower and the projector stay in full precision)."""
     path = Path(path)
     kind = model_kind(path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ModelDirError("--device cuda: no CUDA device is available here (use --device cpu)")
-    if load_in_4bit and not device.startswith("cuda"):
-        raise ModelDirError("--load-in-4bit needs a CUDA device (bitsandbytes 4-bit kernels)")
     if dtype not in DTYPES:
         raise ModelDirError(f"unknown dtype {dtype!r}; choices: {sorted(DTYPES)}")
     if kind == "hf":
@@ -142,10 +141,8 @@ def _load_vir(path: Path, device: str, dtype: torch.dtype, load_in_4bit: bool) -
     from vir.models.checkpoint import load_run
     from vir.models.quantization import is_quantized
 
-    if load_in_4bit:
-        raise ModelDirError(f"{path}: --load-in-4bit applies to a vir-export directory; a QLoRA run loads 4-bit by "
-                            f"itself, any other run can be exported first (vir-export {path} OUT_DIR)")
-    model, tokenizer, image_processor, run_config = load_run(path, device=device)
+    model, tokenizer, image_processor, run_config = load_run(path, device=device,
+                                                             quantize="nf4" if load_in_4bit else None)
     if dtype != torch.float32 and not is_quantized(model):
         model = model.to(dtype)
     config = model.config
@@ -162,8 +159,10 @@ def _load_export(path: Path, device: str, dtype: torch.dtype, load_in_4bit: bool
     if load_in_4bit:
         from transformers import BitsAndBytesConfig
 
-        kwargs.update(quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype,
-                                                             bnb_4bit_quant_type="nf4"), device_map=device)
+        kwargs.update(quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4",
+            llm_int8_skip_modules=["model.vision_tower", "model.multi_modal_projector", "lm_head"]),
+            device_map=device)
     model = LlavaForConditionalGeneration.from_pretrained(str(path), **kwargs)
     if not load_in_4bit:
         model.to(device)

@@ -25,7 +25,7 @@ def main(argv=None) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="the address to bind (default 127.0.0.1; 0.0.0.0: all)")
     parser.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when there is one")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights' dtype (default fp32)")
-    parser.add_argument("--load-in-4bit", action="store_true", help="4-bit weights (a vir-export directory, CUDA)")
+    parser.add_argument("--load-in-4bit", action="store_true", help="the LLM in 4-bit nf4 (bitsandbytes)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="the slider's starting value")
     args = parser.parse_args(argv)
     if not 0 < args.port < 65536:

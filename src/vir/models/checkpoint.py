@@ -24,10 +24,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoTokenizer, CLIPImageProcessorPil, PreTrainedTokenizerBase
 
-from vir.models.builder import build_model
+from vir.models.builder import DTYPES, build_model
 from vir.models.llava_arch import LlavaLlamaForCausalLM
 from vir.models.projector import PROJECTOR_FILE, load_projector_state_dict, save_projector
-from vir.models.quantization import is_quantized
+from vir.models.quantization import QUANTIZATIONS, is_quantized, load_device_map, quantization_config
 from vir.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -66,7 +66,8 @@ def write_run_artifacts(
 
 
 def load_run(
-    run_dir: PathLike, merge_adapter: bool = False, device: Optional[str] = None, dequantize: bool = False
+    run_dir: PathLike, merge_adapter: bool = False, device: Optional[str] = None, dequantize: bool = False,
+    quantize: Optional[str] = None,
 ) -> Tuple[torch.nn.Module, PreTrainedTokenizerBase, CLIPImageProcessorPil, DictConfig]:
     """(model, tokenizer, image_processor, run_config) from a run directory or `checkpoint-N/`, in eval mode,
     on `device` (default: the GPU when there is one, else the CPU).
@@ -76,6 +77,8 @@ def load_run(
     `merge_adapter`, LoRA is merged into the base weights and a plain LlavaLlamaForCausalLM is returned.
     With `dequantize`, a QLoRA run's 4/8-bit base is turned back into `model.llm.dtype` weights (the values the
     adapter trained against, de-quantised) before the adapter goes on: merging then folds LoRA in exactly.
+    With `quantize` (`nf4` or `int8`), the LLM loads with bitsandbytes (tower, projector and head in full
+    precision) whatever the run trained with: to serve a run on a small GPU.
     """
     run = Path(run_dir)
     config_file = run / RUN_CONFIG_FILE
@@ -84,10 +87,18 @@ def load_run(
     run_config = OmegaConf.load(config_file)
     tokenizer = AutoTokenizer.from_pretrained(str(run))
     image_processor = CLIPImageProcessorPil.from_pretrained(str(run))
+    if quantize is not None and quantize not in QUANTIZATIONS:
+        raise UserError(f"quantize={quantize!r} is not one of {', '.join(QUANTIZATIONS)}")
     if any((run / name).is_file() for name in FULL_WEIGHT_FILES):
-        model = LlavaLlamaForCausalLM.from_pretrained(str(run))
+        llm_cfg = OmegaConf.merge(run_config.model.llm, {"quantization": quantize or "none"})
+        quantized = quantization_config(llm_cfg, _compute_dtype(llm_cfg.dtype))
+        placement = {} if quantized is None else {"quantization_config": quantized, "device_map": load_device_map()}
+        model = LlavaLlamaForCausalLM.from_pretrained(str(run), **placement)
     else:
         model_cfg = run_config.model.copy()
+        if quantize is not None:
+            model_cfg.llm.quantization = quantize
+            model_cfg.llm.dtype = str(_compute_dtype(model_cfg.llm.dtype)).removeprefix("torch.")
         _require_base(model_cfg, run)
         model_cfg.pretrained_projector = None
         model = build_model(model_cfg, tokenizer, image_aspect_ratio=run_config.data.image_aspect_ratio)
@@ -105,6 +116,11 @@ def load_run(
         model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.eval()
     return model, tokenizer, image_processor, run_config
+
+
+def _compute_dtype(name: str) -> torch.dtype:
+    """The matmul dtype of 4/8-bit layers: the run's, or bf16 (QLoRA's) for a float32 run."""
+    return torch.bfloat16 if DTYPES[name] == torch.float32 else DTYPES[name]
 
 
 def _require_base(model_cfg: DictConfig, run: Path) -> None:
