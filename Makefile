@@ -54,7 +54,8 @@ demo: $(STAMP)
 	$(VENV)/bin/vir-demo "$$run" --port $(DEMO_PORT) --host $(DEMO_HOST)
 
 # Step-time breakdown of the demo's sizes, then vir against transformers' Llava + Trainer (BENCH_STEPS timed steps
-# per run, default 4; more steps, less noise): benchmarks/results/train_throughput.json.
+# per run, default 4; more steps, less noise; BENCH_REPEATS runs per side, the median reported, default 1):
+# benchmarks/results/train_throughput.json.
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
 	$(PY) benchmarks/train_compare.py
