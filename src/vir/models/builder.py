@@ -24,7 +24,7 @@ from vir.models.configuration import LlavaLlamaConfig, check_projector_type, che
 from vir.models.encoder import load_vision_config, quiet_load_report
 from vir.models.llava_arch import LlavaLlamaForCausalLM
 from vir.models.projector import load_projector_state_dict
-from vir.models.quantization import ensure_initialised, load_device_map, quantization_config
+from vir.models.quantization import ensure_initialised, quantized_loading
 from vir.utils.config import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -164,9 +164,9 @@ def build_model(
     config = build_model_config(model_cfg, tokenizer, image_aspect_ratio)
     dtype = _dtype(model_cfg.llm.dtype)
     attn = model_cfg.llm.attn_implementation
-    quantized = quantization_config(model_cfg.llm, dtype)
+    placement = quantized_loading(model_cfg.llm, dtype)
     if model_cfg.llm.path is None:
-        if quantized is not None:
+        if placement:
             raise ConfigError(f"model.llm.quantization={model_cfg.llm.quantization} quantizes a checkpoint as it "
                              "loads: set model.llm.path to a local Llama directory")
         model = LlavaLlamaForCausalLM._from_config(config, dtype=dtype, attn_implementation=attn)
@@ -175,12 +175,11 @@ def build_model(
         source = _read_llm_config(model_cfg.llm.path)
         load_config = copy.deepcopy(config)
         load_config.vocab_size = source.vocab_size
-        placement = {} if quantized is None else {"quantization_config": quantized, "device_map": load_device_map()}
         model = _load_llm(model_cfg.llm.path, load_config, source.model_type, bool(model_cfg.vision_tower.path),
                           dtype=dtype, attn_implementation=attn,
                           **placement)
         resize_token_embeddings_mean_init(model, config.vocab_size)
-        if quantized is not None:
+        if placement:
             ensure_initialised(model.get_model().mm_projector, "model.mm_projector")
     if model_cfg.vision_tower.path:
         model.get_vision_tower().load_pretrained_weights(model_cfg.vision_tower.path)

@@ -27,7 +27,7 @@ from transformers import AutoTokenizer, CLIPImageProcessorPil, PreTrainedTokeniz
 from vir.models.builder import DTYPES, build_model
 from vir.models.llava_arch import LlavaLlamaForCausalLM
 from vir.models.projector import PROJECTOR_FILE, load_projector_state_dict, save_projector
-from vir.models.quantization import QUANTIZATIONS, is_quantized, load_device_map, quantization_config
+from vir.models.quantization import QUANTIZATIONS, is_quantized, quantized_loading
 from vir.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -91,8 +91,7 @@ def load_run(
         raise UserError(f"quantize={quantize!r} is not one of {', '.join(QUANTIZATIONS)}")
     if any((run / name).is_file() for name in FULL_WEIGHT_FILES):
         llm_cfg = OmegaConf.merge(run_config.model.llm, {"quantization": quantize or "none"})
-        quantized = quantization_config(llm_cfg, _compute_dtype(llm_cfg.dtype))
-        placement = {} if quantized is None else {"quantization_config": quantized, "device_map": load_device_map()}
+        placement = quantized_loading(llm_cfg, _compute_dtype(llm_cfg.dtype))
         model = LlavaLlamaForCausalLM.from_pretrained(str(run), **placement)
     else:
         model_cfg = run_config.model.copy()

@@ -43,6 +43,13 @@ def quantization_config(llm_cfg: Any, compute_dtype: torch.dtype):
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(NOT_QUANTIZED))
 
 
+def quantized_loading(llm_cfg: Any, compute_dtype: torch.dtype) -> Dict[str, Any]:
+    """`from_pretrained` keyword arguments that load an LLM as `model.llm.quantization` says: its
+    `BitsAndBytesConfig` and this process's device map, or none for `none`."""
+    quantized = quantization_config(llm_cfg, compute_dtype)
+    return {} if quantized is None else {"quantization_config": quantized, "device_map": load_device_map()}
+
+
 def load_device_map() -> Dict[str, Any]:
     """Where a quantized model loads: this process's GPU under torchrun (LOCAL_RANK), else the CPU."""
     if torch.cuda.is_available():
