@@ -7,6 +7,7 @@ image counts.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -306,13 +307,13 @@ class LazySupervisedDataset(Dataset):
         """The record's processed images and each one's load status."""
         images, statuses = [], []
         for path in record.images:
-            image, status = load_image(path, self.image_folder, min(processor_image_size(self.image_processor)))
+            image, status = load_image(path, self.image_folder, min(self.image_size))
             statuses.append(status)
             self._counters.add(f"images_{status}")
             if image is None:
                 self._warn_limited("_image_warnings", "record %r: image %s is %s (under %s); using a black image",
                                    record.id, path, status, self.image_folder)
-                image = black_image(processor_image_size(self.image_processor))
+                image = black_image(self.image_size)
             images.append(image)
         if not images:
             return torch.zeros((0, *self.pixel_shape)), statuses
@@ -321,12 +322,16 @@ class LazySupervisedDataset(Dataset):
     def _process(self, images: list) -> torch.Tensor:
         return preprocess_images(images, self.image_processor, self.image_aspect_ratio)
 
+    @functools.cached_property
+    def image_size(self) -> tuple[int, int]:
+        """`(width, height)` the image processor produces (large images decode reduced to about twice it)."""
+        return processor_image_size(self.image_processor)
+
     @property
     def pixel_shape(self) -> tuple[int, ...]:
         """`(3, H, W)` of one processed image."""
         if self._pixel_shape is None:
-            self._pixel_shape = tuple(self._process([black_image(processor_image_size(self.image_processor))])
-                                      .shape[1:])
+            self._pixel_shape = tuple(self._process([black_image(self.image_size)]).shape[1:])
         return self._pixel_shape
 
     def _warn_limited(self, budget: str, message: str, *args: Any) -> None:
