@@ -59,31 +59,33 @@ def _rebalance(rows: List[List[int]], lengths: Sequence[int]) -> int:
     """Lower the longest row in place by moving one of its samples to another row, or swapping it for a shorter
     one, while that makes both rows shorter than it was; returns the final longest row's tokens."""
     used = [sum(lengths[i] for i in row) for row in rows]
-    improved = True
-    while improved and len(rows) > 1:
-        improved = False
-        top = max(range(len(rows)), key=used.__getitem__)
-        for a in rows[top]:
-            for other in range(len(rows)):
-                if other == top:
-                    continue
-                for b in [None, *rows[other]]:
-                    delta = lengths[a] - (lengths[b] if b is not None else 0)
-                    if delta > 0 and used[other] + delta < used[top]:
-                        rows[top].remove(a)
-                        rows[other].append(a)
-                        if b is not None:
-                            rows[other].remove(b)
-                            rows[top].append(b)
-                        used[top] -= delta
-                        used[other] += delta
-                        improved = True
-                        break
-                if improved:
-                    break
-            if improved:
-                break
+    while (move := _shortening_move(rows, used, lengths)) is not None:
+        top, a, other, b = move
+        rows[top].remove(a)
+        rows[other].append(a)
+        delta = lengths[a]
+        if b is not None:
+            rows[other].remove(b)
+            rows[top].append(b)
+            delta -= lengths[b]
+        used[top] -= delta
+        used[other] += delta
     return max(used)
+
+
+def _shortening_move(rows: List[List[int]], used: List[int], lengths: Sequence[int]):
+    """`(top, a, other, b)`: sample `a` of the longest row `top` goes to row `other` (for its sample `b`, or
+    for nothing when `b` is None) and both rows end shorter than `top` was; None when no such move exists."""
+    top = max(range(len(rows)), key=used.__getitem__)
+    for a in rows[top]:
+        for other in range(len(rows)):
+            if other == top:
+                continue
+            for b in [None, *rows[other]]:
+                delta = lengths[a] - (lengths[b] if b is not None else 0)
+                if delta > 0 and used[other] + delta < used[top]:
+                    return top, a, other, b
+    return None
 
 
 def pack_batch(instances: Sequence[dict], pad_token_id: int, row_tokens: Optional[int] = None,
