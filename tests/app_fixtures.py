@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,3 +44,12 @@ def eval_reference(factory) -> Reference:
     prediction = next(row["prediction"] for row in rows if row["id"] == record["id"])
     question = record["conversations"][0]["value"].replace("<image>", "").strip()
     return Reference(run, Path(cfg.data.image_folder) / record["image"], question, prediction)
+
+
+def converted(tool: str, run_dir: Path, out: Path) -> Path:
+    """`out` after `vir-merge` or `vir-export` (the console scripts' modules) turned `run_dir` into it."""
+    module = {"vir-merge": "vir.cli.merge", "vir-export": "vir.cli.export"}[tool]
+    done = subprocess.run([sys.executable, "-m", module, str(run_dir), str(out)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out

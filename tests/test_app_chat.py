@@ -4,13 +4,11 @@ vir-eval's, it streams, and every bad input costs a message while the engine kee
 from __future__ import annotations
 
 import dataclasses
-import subprocess
-import sys
 import threading
 
 import pytest
 import torch
-from app_fixtures import MAX_NEW_TOKENS, eval_reference
+from app_fixtures import MAX_NEW_TOKENS, converted, eval_reference
 from PIL import Image
 
 from vir.app import run_info
@@ -185,11 +183,7 @@ def test_vir_demo_on_a_wrong_path_exits_2_naming_it(make, expected, tmp_path, ca
 def test_a_merged_or_exported_run_answers_the_same(tool, ref, tmp_path):
     """vir-demo also serves a vir-merge checkpoint (through load_run) and a vir-export directory (transformers'
     LlavaForConditionalGeneration, prompted by its processor's chat template): the same greedy answer."""
-    module = {"vir-merge": "vir.cli.merge", "vir-export": "vir.cli.export"}[tool]
-    out = tmp_path / "out"
-    done = subprocess.run([sys.executable, "-m", module, str(ref.run_dir), str(out)], capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    out = converted(tool, ref.run_dir, tmp_path / "out")
     cm = load_chat_model(out, device="cpu")
     assert cm.kind == ("hf" if tool == "vir-export" else "vir")
     engine = ChatEngine(cm)

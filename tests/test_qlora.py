@@ -172,18 +172,15 @@ def test_vir_demo_loads_a_run_merge_or_export_in_4bit_and_answers(bases, tmp_pat
     """`vir-demo --load-in-4bit` on a run trained in full precision, on its vir-merge and on its vir-export
     output: the LLM's decoder layers load as nf4, the tower and the projector do not, and the chat engine
     streams an answer for a test image (hidden 64: see `bases`)."""
+    from app_fixtures import converted
+
     from vir.app.chat import ChatEngine, Sampling, Turn, open_images
     from vir.app.loading import load_chat_model
 
     cfg = run_config(bases, tmp_path / "run", "stage2_lora", "training.max_steps=1")
     path = train(cfg).output_dir
     if tool is not None:
-        module = {"vir-merge": "vir.cli.merge", "vir-export": "vir.cli.export"}[tool]
-        out = tmp_path / "out"
-        done = subprocess.run([sys.executable, "-m", module, str(path), str(out)], capture_output=True, text=True,
-                              timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
-        path = out
+        path = converted(tool, path, tmp_path / "out")
     cm = load_chat_model(path, device="cpu", load_in_4bit=True)
     assert is_quantized(cm.model)
     kinds = _linear_kinds(cm.model)
