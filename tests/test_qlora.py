@@ -65,6 +65,28 @@ def test_nf4_quantizes_the_llm_layers_only_and_the_projector_has_real_values(bas
             assert tensor.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("dtype, frozen", [("bfloat16", torch.bfloat16), ("float16", torch.float32)])
+def test_qlora_keeps_frozen_weights_and_the_residual_stream_in_bf16(bases, tmp_path, dtype, frozen):
+    """In bf16 the frozen weights stay bf16 (peft's fp32 upcast would cost Llama-3-8B ~2.7 GB and make every
+    checkpointed activation fp32); in fp16 peft's upcast still runs. LoRA and the projector train in fp32."""
+    cfg = run_config(bases, tmp_path, "stage2_lora", "model.llm.quantization=nf4", f"model.llm.dtype={dtype}")
+    model, _, _ = build_all(cfg)
+    model = apply_training_mode(model, cfg.training)
+    base = model.get_base_model()
+    for module in (base.get_input_embeddings(), base.lm_head, base.model.norm, base.get_vision_tower()):
+        assert {p.dtype for p in module.parameters()} == {frozen}
+        assert not any(p.requires_grad for p in module.parameters())
+    trained = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and set(trained.values()) == {torch.float32}
+    assert any("lora_A" in n for n in trained) and any("mm_projector" in n for n in trained)
+    streams = []
+    base.model.layers[-1].register_forward_hook(lambda module, args, out: streams.append(out))
+    ids = torch.tensor([[base.config.bos_token_id, 5, 6, 7]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    stream = streams[0][0] if isinstance(streams[0], tuple) else streams[0]
+    assert stream.dtype == frozen
+
+
 def test_quantized_llm_refuses_modes_other_than_lora(bases, tmp_path):
     cfg = run_config(bases, tmp_path, "stage2_full", *QLORA)
     model, _, _ = build_all(cfg)

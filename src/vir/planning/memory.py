@@ -3,7 +3,8 @@
 The model is built on the meta device from the config's shapes (no weights, no tokenizer), and each
 parameter is assigned the bytes the training path gives it:
 - The LLM is in `model.llm.dtype`. Under QLoRA its decoder linears take 4 or 8 bits plus quantization
-  constants; `prepare_model_for_kbit_training` casts every other weight to fp32.
+  constants; every other weight stays in bf16, or, in fp16, is cast to fp32 by `prepare_model_for_kbit_training`
+  (`vir.training.modes.prepare_kbit_model`).
 - LoRA adapters and a trained projector are fp32.
 - Gradients have the dtype of the parameter they belong to.
 - AdamW keeps two states in the parameter's dtype. Under DeepSpeed a half-precision parameter also gets an
@@ -128,8 +129,8 @@ def plan_memory(cfg: Any, vocab_size: Optional[int] = None, world_size: Optional
                       or (tower and not cfg.model.vision_tower.freeze))
             if quantized and is_llm_linear:
                 weights += n * _QUANT_BYTES[(llm.quantization, bool(llm.double_quant))]
-            elif quantized or projector:  # kbit preparation casts the rest to fp32; a trained projector is fp32
-                weights += n * 4
+            elif projector or (quantized and llm.dtype == "float16"):  # a trained projector is fp32, so is the
+                weights += n * 4  # rest of an fp16 4-bit model after peft's preparation
             else:
                 weights += n * half
             if is_llm_linear and name.rsplit(".", 1)[-1] in targets:
