@@ -20,6 +20,7 @@ import platform
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -28,10 +29,14 @@ from vir.demo.tokenizer import train_llama3_style_tokenizer
 from vir.models.builder import build_all
 from vir.models.quantization import is_quantized
 from vir.planning.memory import GB, plan_memory
+from vir.planning.probe import peak_step_bytes
 from vir.training.modes import apply_training_mode
 from vir.utils.config import compose_config
 
-H200_BF16_FLOPS = 989e12  # dense bf16 peak of one H200 (H100 SXM: the same)
+# Dense bf16 tensor-core peaks (FLOP/s) by device name, for MFU; --peak-tflops for a device not listed.
+BF16_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
+                   "RTX 4090": 165e12, "RTX 3090": 71e12}
+QLORA_GOAL_GB = 11.0  # the QLoRA r-64 peak this check is for (GiB, as torch reports it)
 SHAPES = {
     "full": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192),
@@ -55,7 +60,23 @@ def write_random_llm(directory: Path, shapes: dict, device: str) -> None:
     del model
 
 
-def run_variant(name: str, overrides: list, steps: int, seq: int, device: str) -> dict:
+def check_overrides(llm_dir: Path, seq: int, gpu_gb: float) -> list:
+    """The settings every variant shares: the random LLM at `llm_dir`, a random tower, one process, micro-batch 1,
+    LoRA r 64, gradient checkpointing, `seq` tokens."""
+    return ["model.llm.path=" + str(llm_dir), "model.vision_tower.path=null", "training.deepspeed=null",
+            "training.global_batch_size=null", "training.per_device_train_batch_size=1", "training.lora_r=64",
+            "training.lora_alpha=128", "training.gradient_checkpointing=true", f"model.model_max_length={seq}",
+            f"plan.gpu_gb={gpu_gb}"]
+
+
+def peak_flops(device_name: str) -> Optional[float]:
+    """The bf16 peak of a device from its name (the longest listed name it contains), or None."""
+    names = sorted((n for n in BF16_PEAK_FLOPS if n in device_name), key=len, reverse=True)
+    return BF16_PEAK_FLOPS[names[0]] if names else None
+
+
+def run_variant(name: str, overrides: list, steps: int, seq: int, device: str,
+                flops_peak: Optional[float] = None) -> dict:
     cfg = compose_config(overrides)
     plan = plan_memory(cfg)
     if device == "cuda":
@@ -64,11 +85,12 @@ def run_variant(name: str, overrides: list, steps: int, seq: int, device: str) -
         torch.cuda.reset_peak_memory_stats()
     model, tokenizer, _ = build_all(cfg)
     model = apply_training_mode(model, cfg.training, vision_tower_freeze=True)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
+    if cfg.training.gradient_checkpointing:  # as the Trainer switches it on
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     if not is_quantized(model):  # a quantized model was placed on its device while it loaded
         model.to(device)
-    config = model.get_base_model().config
+    config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5)
     image_tokens = config.num_image_tokens
@@ -81,32 +103,41 @@ def run_variant(name: str, overrides: list, steps: int, seq: int, device: str) -
              "attention_mask": torch.ones(1, seq, dtype=torch.long, device=device),
              "pixel_values": torch.randn(1, 3, size, size, device=device)}
     model.train()
-    times = []
-    for step in range(steps + 1):  # the first step warms up (allocator, kernels)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        tick = time.perf_counter()
+
+    def step() -> torch.Tensor:
         loss = model(**batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    times = []
+    for index in range(steps + 1):  # the first step warms up (allocator, kernels) and creates AdamW's states
         if device == "cuda":
             torch.cuda.synchronize()
-        if step:
+            if index == 1:  # the peak of a training step, not of loading
+                torch.cuda.reset_peak_memory_stats()
+        tick = time.perf_counter()
+        loss = step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if index:
             times.append(time.perf_counter() - tick)
+    # On the CPU, the same step's peak counted by a dispatch mode (vir.planning.probe): the check runs end to end.
+    peak = torch.cuda.max_memory_allocated() / GB if device == "cuda" else peak_step_bytes(step, model, optimizer) / GB
     seconds = sum(times) / len(times)
     active = sum(p.numel() for n, p in model.named_parameters() if "vision_tower" not in n)
     # forward + backward through every weight (input gradients) + the checkpointed forward again: ~8 N flops a token
     flops = 8 * active * seq / seconds
-    peak = torch.cuda.max_memory_allocated() / GB if device == "cuda" else None
-    result = {"variant": name, "peak_gb": None if peak is None else round(peak, 2),
-              "planned_peak_gb": round(plan.peak_gb, 2),
-              "plan_error": None if peak is None else round((plan.peak_gb - peak) / peak, 3),
+    result = {"variant": name, "peak_gb": round(peak, 3), "peak_measured_by": "cuda max_memory_allocated"
+              if device == "cuda" else "vir.planning.probe.LiveBytes (CPU)", "planned_peak_gb": round(plan.peak_gb, 3),
+              "planned_peak_at": plan.peak_at, "plan_error": round((plan.peak_gb - peak) / peak, 3),
               "tokens_per_s": round(seq / seconds, 1), "seconds_per_step": round(seconds, 3),
-              "mfu": round(flops / H200_BF16_FLOPS, 3) if device == "cuda" else None, "loss": round(loss.item(), 3),
+              "mfu": round(flops / flops_peak, 3) if flops_peak else None, "loss": round(loss.item(), 3),
               "trainable_parameters": sum(p.numel() for p in trainable), "plan": json.loads(plan.to_json())}
+    if name == "qlora" and device == "cuda":
+        result["goal_peak_gb"], result["meets_goal"] = QLORA_GOAL_GB, peak <= QLORA_GOAL_GB
     print(json.dumps({k: v for k, v in result.items() if k != "plan"}))
-    del model, optimizer, batch
     return result
 
 
@@ -116,6 +147,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--out", default="benchmarks/results/gpu_check.json")
     parser.add_argument("--variants", default="lora_bf16,qlora")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the GPU's dense bf16 peak in TFLOP/s, for MFU (default: looked up by its name)")
     args = parser.parse_args()
     if not args.tiny and not torch.cuda.is_available():
         parser.error("no GPU here: an 8B model on the CPU would take hours. Run on a GPU, or --tiny for a smoke test")
@@ -125,21 +158,19 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
     start = time.perf_counter()
     write_random_llm(work / "llm", shapes, device)
-    common = ["model.llm.path=" + str(work / "llm"), "model.vision_tower.path=null", "training.deepspeed=null",
-              "training.global_batch_size=null", "training.per_device_train_batch_size=1", "training.lora_r=64",
-              "training.lora_alpha=128", "training.gradient_checkpointing=true", f"model.model_max_length={seq}",
-              f"plan.gpu_gb={torch.cuda.get_device_properties(0).total_memory / GB if device == 'cuda' else 24}"]
-    if args.tiny:
-        common += TINY_TOWER
+    gpu_gb = torch.cuda.get_device_properties(0).total_memory / GB if device == "cuda" else 24
+    common = check_overrides(work / "llm", seq, gpu_gb) + (TINY_TOWER if args.tiny else [])
     variants = {"qlora": ["experiment=llava15_qlora", "model.llm.quantization=nf4"],
                 "lora_bf16": ["experiment=llava15_stage2_lora", "model.llm.dtype=bfloat16"]}
+    flops_peak = args.peak_tflops * 1e12 if args.peak_tflops else (
+        peak_flops(torch.cuda.get_device_name(0)) if device == "cuda" else None)
     results = {"device": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
                "torch": torch.__version__, "sequence_length": seq, "setup_seconds": round(time.perf_counter() - start, 1),
                "runs": []}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     for name in args.variants.split(","):
         try:
-            results["runs"].append(run_variant(name, variants[name] + common, args.steps, seq, device))
+            results["runs"].append(run_variant(name, variants[name] + common, args.steps, seq, device, flops_peak))
         except ImportError as err:  # bitsandbytes missing on this machine
             results["runs"].append({"variant": name, "skipped": str(err)})
             print(f"{name}: skipped ({err})")

@@ -163,8 +163,10 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM):
                     f"input_ids hold {num_positions} image-token positions (image_token_id="
                     f"{self.config.image_token_id}) but 0 images were given (pixel_values is None or empty)"
                 )
-        if labels is not None and attention_mask is None and position_ids is not None:
-            use_cache = False  # packed rows (vir.data.packing): with a cache the mask ignores the position resets
+        if labels is not None and (self.training or (attention_mask is None and position_ids is not None)):
+            # A training step has no use for a cache (building one copies every layer's keys and values), and
+            # packed rows (vir.data.packing) must not have one: with a cache the mask ignores the position resets.
+            use_cache = False
         if labels is not None and self.training and self.loss_chunk_size > 0:
             # The loss without the full logits: a training step needs nothing else (`logits` is None).
             num_items = kwargs.pop("num_items_in_batch", None)

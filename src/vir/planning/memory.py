@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Dict, Optional
 
 import torch
+from torch import nn
 
 from vir.models.configuration import LlavaLlamaConfig
 from vir.models.llava_arch import LlavaLlamaForCausalLM
@@ -40,7 +41,8 @@ _QUANT_BYTES = {("nf4", False): 0.5 + 4 / 64, ("nf4", True): 0.5 + 1 / 64 + 4 / 
 
 @dataclass
 class MemoryPlan:
-    """Estimated peak GPU memory of one training process, in GiB, and its parts."""
+    """Estimated peak GPU memory of one training process, in GiB, and what is alive at that moment (`peak_at`):
+    the loss, when its logits are alive, or backward through a layer (recomputed under checkpointing)."""
 
     weights_gb: float
     grads_gb: float
@@ -48,6 +50,7 @@ class MemoryPlan:
     activations_gb: float
     logits_gb: float
     peak_gb: float
+    peak_at: str
     gpu_gb: float
     fits: bool
     trainable_parameters: int
@@ -64,6 +67,7 @@ class MemoryPlan:
         rows = [("weights", self.weights_gb), ("gradients", self.grads_gb), ("optimizer", self.optimizer_gb),
                 ("activations", self.activations_gb), ("logits", self.logits_gb), ("peak", self.peak_gb)]
         lines = [f"{name:<12}{value:>9.2f} GiB" for name, value in rows]
+        lines[-1] += f"  (during {self.peak_at}; the parts above are what is alive then)"
         verdict = "fits" if self.fits else "does NOT fit"
         lines.append(f"{verdict} in {self.gpu_gb:g} GiB per device (micro-batch {self.micro_batch} x "
                      f"{self.sequence_length} tokens, {self.world_size} process(es), ZeRO-{self.zero_stage}; "
@@ -99,30 +103,32 @@ def zero_settings(training_cfg: Any) -> Dict[str, Any]:
             "offload_param": offload("offload_param")}
 
 
-def plan_memory(cfg: Any, vocab_size: Optional[int] = None, world_size: Optional[int] = None,
-                gpu_gb: Optional[float] = None) -> MemoryPlan:
-    """The memory plan of `cfg` (a composed config) per training process."""
-    plan_cfg = cfg.plan
-    world = world_size or plan_cfg.world_size
+@dataclass
+class StateBytes:
+    """Bytes one process holds for the whole run: weights, gradients (once created), optimizer states."""
+
+    weights: float
+    grads: float
+    optimizer: float
+    trainable: int
+    total: int
+
+
+def state_bytes(cfg: Any, model: nn.Module, world: int, zero: Dict[str, Any]) -> StateBytes:
+    """Weights, gradients and AdamW states of `model` (built on the meta device) trained as `cfg` says."""
     training, llm = cfg.training, cfg.model.llm
-    config = planning_config(cfg.model, vocab_size or plan_cfg.vocab_size)
-    vocab = config.vocab_size
-    with torch.device("meta"):
-        model = LlavaLlamaForCausalLM(config)
     half = _DTYPE_BYTES[llm.dtype]
     quantized = llm.quantization != "none"
-    lora = training.mode == "stage2_lora"
-    targets = set(lora_target_modules(model)) if lora else set()
+    targets = set(lora_target_modules(model)) if training.mode == "stage2_lora" else set()
     weights = grads = optimizer = 0.0
     trainable = total = 0
-    zero = zero_settings(training)
     master = 4 if zero["stage"] else 0  # DeepSpeed keeps an fp32 master copy of a half-precision parameter
     for name, module in model.named_modules():
         for pname, param in module.named_parameters(recurse=False):
             full = f"{name}.{pname}" if name else pname
             n = param.numel()
             total += n
-            is_llm_linear = full.startswith("model.layers.") and isinstance(module, torch.nn.Linear)
+            is_llm_linear = full.startswith("model.layers.") and isinstance(module, nn.Linear)
             projector = full.startswith("model.mm_projector.")
             tower = full.startswith("model.vision_tower.")
             trains = (projector or (training.mode == "stage2_full" and not tower)
@@ -150,27 +156,86 @@ def plan_memory(cfg: Any, vocab_size: Optional[int] = None, world_size: Optional
         grads /= world
     if zero["stage"] >= 3:
         weights = 0.0 if zero["offload_param"] else weights / world
-    micro, _ = batch_layout(training, world)
+    return StateBytes(weights, grads, optimizer, int(trainable), int(total))
+
+
+def plan_memory(cfg: Any, vocab_size: Optional[int] = None, world_size: Optional[int] = None,
+                gpu_gb: Optional[float] = None) -> MemoryPlan:
+    """The memory plan of `cfg` (a composed config) per training process.
+
+    Besides weights and optimizer states, a step's peak is one of three moments:
+    - the loss: the activations kept for backward and the logits;
+    - backward through the last layer: the kept activations, that layer recomputed (under checkpointing) and its
+      largest gradients;
+    - backward through the first layer: every gradient, the checkpointed inputs, one layer and its gradients.
+    Gradients already exist at the first two when they outlive a step: under gradient accumulation, or with
+    DeepSpeed, which keeps them in buffers of its own.
+    """
+    plan_cfg, training, llm = cfg.plan, cfg.training, cfg.model.llm
+    world = world_size or plan_cfg.world_size
+    config = planning_config(cfg.model, vocab_size or plan_cfg.vocab_size)
+    with torch.device("meta"):
+        model = LlavaLlamaForCausalLM(config)
+    zero = zero_settings(training)
+    state = state_bytes(cfg, model, world, zero)
+    micro, accumulation = batch_layout(training, world)
     seq = plan_cfg.sequence_length or cfg.model.model_max_length
-    activations = _activation_bytes(model.config, micro * seq, half, training.gradient_checkpointing)
-    # Logits in the model's dtype, upcast to fp32 and their fp32 gradient: for every position with transformers'
-    # loss, for one chunk of trained positions with the chunked one (training.loss_chunk_size, vir.models.loss).
-    rows = micro * seq if training.loss_chunk_size <= 0 else min(training.loss_chunk_size, micro * seq)
-    logits = rows * vocab * (half + 8)
-    parts = [x / GB for x in (weights, grads, optimizer, activations, logits)]
+    tokens = micro * seq
+    # bf16 QLoRA keeps its frozen weights, so its residual stream, in bf16; fp16 QLoRA's are upcast to fp32
+    stream = 4 if llm.quantization != "none" and llm.dtype == "float16" else _DTYPE_BYTES[llm.dtype]
+    kind = {"stage2_lora": "lora", "stage2_full": "full"}.get(training.mode, "frozen")
+    layer = tokens * layer_saved_bytes(config, stream, kind, training.lora_r, training.lora_dropout)
+    # With checkpointing every layer keeps its input only, and backward recomputes one layer at a time.
+    inputs = config.num_hidden_layers * tokens * stream * config.hidden_size
+    kept = inputs if training.gradient_checkpointing else config.num_hidden_layers * layer
+    # Backward through a layer adds its largest gradients: the MLP's gate and up outputs' in the stream's dtype
+    # and a fp32 one of the same width (LoRA's input gradient, the SiLU's).
+    backward = tokens * config.intermediate_size * (2 * stream + 4)
+    # Logits at the start of backward, 12 bytes a logit in any dtype: cross-entropy's saved fp32 log-softmax, the
+    # fp32 gradient arriving at it and the one it passes on (measured, tests/test_planning.py). For every position
+    # with transformers' loss; for one chunk of trained positions with the chunked one (training.loss_chunk_size,
+    # vir.models.loss).
+    rows = tokens if training.loss_chunk_size <= 0 else min(training.loss_chunk_size, tokens)
+    logits = rows * config.vocab_size * 12
+    grads_early = state.grads if accumulation > 1 or zero["stage"] else 0.0
+    recomputed = layer if training.gradient_checkpointing else 0
+    moments = {  # (gradients, activations, logits)
+        "the loss": (grads_early, kept, logits),
+        "backward through the last layer": (grads_early, kept + recomputed + backward, 0.0),
+        "backward through the first layer": (state.grads, (inputs if training.gradient_checkpointing else 0)
+                                             + layer + backward, 0.0),
+    }
+    peak_at = max(moments, key=lambda name: sum(moments[name]))
+    grads, activations, logits_now = moments[peak_at]
+    parts = [x / GB for x in (state.weights, grads, state.optimizer, activations, logits_now)]
     peak = sum(parts)
     budget = gpu_gb or plan_cfg.gpu_gb
-    return MemoryPlan(*parts, peak, budget, peak <= budget, int(trainable), int(total), micro, seq, world, zero["stage"])
+    return MemoryPlan(*parts, peak, peak_at, budget, peak <= budget, state.trainable, state.total, micro, seq, world,
+                      zero["stage"])
 
 
-def _activation_bytes(config: LlavaLlamaConfig, tokens: int, dtype_bytes: int, checkpointing: bool) -> float:
-    """Tensors one decoder layer keeps per token for backward (SDPA/flash attention: no seq x seq scores):
-    the norms' outputs and the residual (4 h), q / k / v / attention output (2 h + 2 h_kv), the MLP's gate / up /
-    activation / product (4 i). With checkpointing, each layer keeps its input only and one layer is recomputed."""
-    h, i = config.hidden_size, config.intermediate_size
+def layer_saved_bytes(config: LlavaLlamaConfig, dtype_bytes: int, kind: str, lora_r: int = 0,
+                      lora_dropout: float = 0.0) -> int:
+    """Bytes one Llama decoder layer saves for backward per token: `kind` is "frozen" (nothing in it trains, the
+    gradient still flows to the image features), "full" (its weights train) or "lora" (peft LoRA on all seven
+    linears). Read off transformers 5.24's LlamaDecoderLayer and peft 0.21's LoRA with saved-tensor hooks (SDPA);
+    tests/test_planning.py re-measures it, so a library that saves more fails there:
+    - every kind: k and v (2 h_kv), attention's log-sum-exp per head and the norms' rsqrt in fp32 (4 heads + 8);
+    - frozen: 12 bytes per hidden unit (norm internals, q, the attention output) and 3 of the MLP's tensors;
+      full adds what the weight gradients need: the norm outputs (4 d + 12 per hidden unit) and a 4th MLP tensor;
+    - LoRA adds a fp32 r-vector per linear (4 r each), and per input feature of each adapted linear: dropout's
+      fp32 mask and output (8 bytes), or without dropout the fp32 copy of the input peft makes (4 bytes; in fp32
+      only the two norm outputs and the MLP product, which the frozen base no longer keeps)."""
+    h, i, d = config.hidden_size, config.intermediate_size, dtype_bytes
     h_kv = h * config.num_key_value_heads // config.num_attention_heads
-    per_layer = tokens * dtype_bytes * (6 * h + 2 * h_kv + 4 * i)
-    layers = config.num_hidden_layers
-    if checkpointing:
-        return layers * tokens * dtype_bytes * h + per_layer
-    return layers * per_layer
+    shared = 2 * d * h_kv + 4 * config.num_attention_heads + 8
+    if kind == "full":
+        return shared + (4 * d + 12) * h + 4 * d * i
+    frozen = shared + 12 * h + 3 * d * i
+    if kind == "frozen":
+        return frozen
+    if lora_dropout > 0:
+        adapters = 8 * (6 * h + i)
+    else:
+        adapters = 4 * (6 * h + i) if d < 4 else 4 * (2 * h + i)
+    return frozen + adapters + 7 * 4 * lora_r
