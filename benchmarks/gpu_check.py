@@ -76,7 +76,10 @@ def peak_flops(device_name: str) -> Optional[float]:
 
 
 def run_variant(name: str, overrides: list, steps: int, seq: int, device: str,
-                flops_peak: Optional[float] = None) -> dict:
+                flops_peak: Optional[float] = None, micro_batch: int = 1) -> dict:
+    """Train `steps` timed steps (after one warm-up step) of the config `overrides` compose to, on micro-batches
+    of `micro_batch` copies of one `seq`-token sample holding an image; measure the step's peak memory and speed
+    and set the plan's estimate beside them."""
     cfg = compose_config(overrides)
     plan = plan_memory(cfg)
     if device == "cuda":
@@ -99,9 +102,9 @@ def run_variant(name: str, overrides: list, steps: int, seq: int, device: str,
     labels = ids.clone()
     labels[: 1 + image_tokens] = -100
     size = config.vision_config.image_size
-    batch = {"input_ids": ids[None].to(device), "labels": labels[None].to(device),
-             "attention_mask": torch.ones(1, seq, dtype=torch.long, device=device),
-             "pixel_values": torch.randn(1, 3, size, size, device=device)}
+    rows = lambda tensor: tensor[None].repeat(micro_batch, 1).to(device)  # noqa: E731
+    batch = {"input_ids": rows(ids), "labels": rows(labels), "attention_mask": rows(torch.ones(seq, dtype=torch.long)),
+             "pixel_values": torch.randn(micro_batch, 3, size, size, device=device)}
     model.train()
 
     def step() -> torch.Tensor:
@@ -128,11 +131,11 @@ def run_variant(name: str, overrides: list, steps: int, seq: int, device: str,
     seconds = sum(times) / len(times)
     active = sum(p.numel() for n, p in model.named_parameters() if "vision_tower" not in n)
     # forward + backward through every weight (input gradients) + the checkpointed forward again: ~8 N flops a token
-    flops = 8 * active * seq / seconds
+    flops = 8 * active * micro_batch * seq / seconds
     result = {"variant": name, "peak_gb": round(peak, 3), "peak_measured_by": "cuda max_memory_allocated"
               if device == "cuda" else "vir.planning.probe.LiveBytes (CPU)", "planned_peak_gb": round(plan.peak_gb, 3),
               "planned_peak_at": plan.peak_at, "plan_error": round((plan.peak_gb - peak) / peak, 3),
-              "tokens_per_s": round(seq / seconds, 1), "seconds_per_step": round(seconds, 3),
+              "tokens_per_s": round(micro_batch * seq / seconds, 1), "seconds_per_step": round(seconds, 3),
               "mfu": round(flops / flops_peak, 3) if flops_peak else None, "loss": round(loss.item(), 3),
               "trainable_parameters": sum(p.numel() for p in trainable), "plan": json.loads(plan.to_json())}
     if name == "qlora" and device == "cuda":

@@ -50,7 +50,7 @@ def keep_fp32(module: nn.Module, name: str) -> None:
 def prepare_kbit_model(model: nn.Module) -> nn.Module:
     """Freeze a quantized model for QLoRA. In bfloat16 its frozen full-precision weights (embeddings, lm_head,
     norms, the vision tower) keep that dtype: bf16 has fp32's range, and peft's `prepare_model_for_kbit_training`
-    upcast to fp32 would cost Llama-3-8B 2.5 GB more (embeddings and lm_head alone are 1.05B weights) and turn the
+    upcast to fp32 would cost Llama-3-8B 2.5 GiB more (embeddings and lm_head alone are 1.05B weights) and turn the
     residual stream, so every checkpointed activation, fp32. In float16 that upcast is what keeps training stable,
     and peft's preparation runs as it is. Gradient checkpointing is the Trainer's to switch on."""
     if model.get_input_embeddings().weight.dtype == torch.bfloat16:
