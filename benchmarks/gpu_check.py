@@ -69,6 +69,11 @@ def check_overrides(llm_dir: Path, seq: int, gpu_gb: float) -> list:
             f"plan.gpu_gb={gpu_gb}"]
 
 
+def vision_tower_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The vision tower of a model or of the model a peft wrapper holds."""
+    return (model.get_base_model() if hasattr(model, "get_base_model") else model).get_vision_tower()
+
+
 def peak_flops(device_name: str) -> Optional[float]:
     """The bf16 peak of a device from its name (the longest listed name it contains), or None."""
     names = sorted((n for n in BF16_PEAK_FLOPS if n in device_name), key=len, reverse=True)
@@ -129,9 +134,11 @@ def run_variant(name: str, overrides: list, steps: int, seq: int, device: str,
     # On the CPU, the same step's peak counted by a dispatch mode (vir.planning.probe): the check runs end to end.
     peak = torch.cuda.max_memory_allocated() / GB if device == "cuda" else peak_step_bytes(step, model, optimizer) / GB
     seconds = sum(times) / len(times)
-    active = sum(p.numel() for n, p in model.named_parameters() if "vision_tower" not in n)
-    # forward + backward through every weight (input gradients) + the checkpointed forward again: ~8 N flops a token
-    flops = 8 * active * micro_batch * seq / seconds
+    # Model FLOPs a token (MFU's convention: recomputation and attention's own matmuls left out): 2 N forward and
+    # 2 N for the input gradients through the LLM's N weights, 2 more per weight that trains. N comes from the plan,
+    # which counts a 4-bit weight once (bitsandbytes stores two in a byte).
+    llm_weights = plan.total_parameters - sum(p.numel() for p in vision_tower_of(model).parameters())
+    flops = (4 * llm_weights + 2 * sum(p.numel() for p in trainable)) * micro_batch * seq / seconds
     result = {"variant": name, "peak_gb": round(peak, 3), "peak_measured_by": "cuda max_memory_allocated"
               if device == "cuda" else "vir.planning.probe.LiveBytes (CPU)", "planned_peak_gb": round(plan.peak_gb, 3),
               "planned_peak_at": plan.peak_at, "plan_error": round((plan.peak_gb - peak) / peak, 3),

@@ -11,8 +11,10 @@ parameter is assigned the bytes the training path gives it:
   fp32 master copy.
 - ZeRO stages 1-3 divide optimizer states, gradients and weights over the processes; offload moves them off
   the GPU.
-Activations are what one micro-batch keeps for the backward pass. Logits are the LM head's output and its
-fp32 loss copies.
+Activations are the tensors a decoder layer saves for backward (`layer_saved_bytes`, read off the real layer),
+for every layer or, under gradient checkpointing, each layer's input plus one layer recomputed. Logits are the
+loss's fp32 tensors for one chunk of positions. The peak is the largest of three moments of a step (`plan_memory`).
+`make plan-check` compares it with steps measured by `vir.planning.probe`; tests/test_planning.py repeats part.
 """
 
 from __future__ import annotations
