@@ -68,8 +68,8 @@ def main() -> None:
                "torch": torch.__version__, "runs": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(summary, indent=2))
-    print(f"{len(rows)} cases: |error| at most {summary['max_abs_error']:.3f}, median {summary['median_abs_error']:.3f}, "
-          f"{summary['within_2_5_percent']} within 2.5 %; wrote {args.out}")
+    print(f"{len(rows)} cases: |error| at most {summary['max_abs_error']:.3f}, "
+          f"median {summary['median_abs_error']:.3f}, {summary['within_2_5_percent']} within 2.5 %; wrote {args.out}")
 
 
 if __name__ == "__main__":
