@@ -231,3 +231,15 @@ def test_make_gpu_checks_script_runs_end_to_end_on_tiny_shapes(tmp_path):
     if not torch.cuda.is_available():
         refused = subprocess.run([sys.executable, str(script), "--out", str(out)], capture_output=True, text=True)
         assert refused.returncode == 2 and "no GPU here" in refused.stderr
+
+
+def test_the_live_byte_count_sees_lists_of_new_tensors_but_not_lists_of_views():
+    tensors = [torch.ones(1024) for _ in range(3)]  # 4 KiB each
+    with LiveBytes() as live:
+        roots = torch._foreach_sqrt(tensors)  # Tensor[]: three new tensors
+        parts = torch.ones(4096).split(1024)  # one new tensor, split into views
+        assert live.current == 3 * 4096 + 4 * 4096
+        del roots
+        assert live.current == 4 * 4096
+        del parts
+    assert live.current == 0 and live.peak == 7 * 4096

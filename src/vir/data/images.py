@@ -60,20 +60,11 @@ def load_image(path: str, image_folder: Union[str, Path],
         return None, IMAGE_REFUSED
     if not target.is_file():
         return None, IMAGE_MISSING
-    # PIL raises OSError, SyntaxError, ValueError, struct.error, DecompressionBombError... for broken files;
-    # a broken file must cost one black image, never the run.
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # decided by `too_large`
-            with Image.open(target) as img:
-                if too_large(img):
-                    return None, IMAGE_TOO_LARGE
-                return decoded_rgb(img, min_side), IMAGE_OK
-    except Image.DecompressionBombError:  # PIL's own check, at twice its (global) limit
-        return None, IMAGE_TOO_LARGE
-    except Exception as err:  # noqa: BLE001 - see above
-        logger.debug("cannot decode %s: %r", target, err)
-        return None, IMAGE_CORRUPT
+        return decode_image_file(target, min_side), IMAGE_OK
+    except ImageFileError as err:  # a broken file must cost one black image, never the run
+        logger.debug("cannot use %s: %s", target, err)
+        return None, err.status
 
 
 def too_large(img: Image.Image) -> bool:
@@ -103,32 +94,45 @@ def decoded_rgb(img: Image.Image, min_side: Optional[int] = None) -> Image.Image
 
 
 class ImageFileError(UserError):
-    """An image a user named directly (not a data record's) cannot be used; the message says why."""
+    """An image file cannot be used; the message says why and `status` says it as `load_image` does
+    (`missing`, `corrupt` or `too_large`)."""
+
+    def __init__(self, message: str, status: str = IMAGE_CORRUPT):
+        super().__init__(message)
+        self.status = status
 
 
-def open_user_image(path: Union[str, Path], min_side: Optional[int] = None) -> Image.Image:
-    """An image given on a command line (`vir-chat --image`) as upright RGB, or `ImageFileError` naming the path
-    and the reason: missing, not an image, truncated or corrupt, or over PIL's decompression-bomb limit.
-    `min_side` reduces a large image as `decoded_rgb` does."""
-    path = Path(path)
-    if not path.is_file():
-        raise ImageFileError(f"image not found: {path}")
+def decode_image_file(path: Path, min_side: Optional[int] = None) -> Image.Image:
+    """An existing file opened and fully decoded as upright RGB (`decoded_rgb`), or `ImageFileError` naming the
+    path and the reason: over the pixel limit by its header (never decoded), not an image, truncated or corrupt.
+    PIL raises OSError, SyntaxError, ValueError, struct.error, DecompressionBombError... for broken files."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the explicit limit below decides
             with Image.open(path) as img:
                 if too_large(img):
                     raise ImageFileError(f"{path}: image too large ({img.width} x {img.height} pixels); the limit "
-                                         f"is {MAX_IMAGE_PIXELS} pixels")
+                                         f"is {MAX_IMAGE_PIXELS} pixels", IMAGE_TOO_LARGE)
                 return decoded_rgb(img, min_side)
     except ImageFileError:
         raise
-    except Image.DecompressionBombError as err:
-        raise ImageFileError(f"{path}: image too large ({err}); the limit is {MAX_IMAGE_PIXELS} pixels") from None
+    except Image.DecompressionBombError as err:  # PIL's own check, at twice its (global) limit
+        raise ImageFileError(f"{path}: image too large ({err}); the limit is {MAX_IMAGE_PIXELS} pixels",
+                             IMAGE_TOO_LARGE) from None
     except Image.UnidentifiedImageError:
         raise ImageFileError(f"{path}: not an image file PIL can read") from None
-    except (OSError, SyntaxError, ValueError) as err:
-        raise ImageFileError(f"{path}: the image is truncated or corrupt ({err})") from None
+    except Exception as err:  # noqa: BLE001 - see above
+        raise ImageFileError(f"{path}: the image is truncated or corrupt ({err or type(err).__name__})") from None
+
+
+def open_user_image(path: Union[str, Path], min_side: Optional[int] = None) -> Image.Image:
+    """An image given on a command line (`vir-chat --image`) as upright RGB, or `ImageFileError` naming the path
+    and the reason: missing, not an image, truncated or corrupt, or over the pixel limit. `min_side` reduces a
+    large image as `decoded_rgb` does."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageFileError(f"image not found: {path}", IMAGE_MISSING)
+    return decode_image_file(path, min_side)
 
 
 def to_rgb(img: Image.Image, background_rgb: tuple[int, int, int] = ALPHA_BACKGROUND) -> Image.Image:

@@ -10,7 +10,7 @@ kernels differ only inside fused operations (attention, 4-bit matmuls), whose ow
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable, Dict, Iterable
+from typing import Any, Callable, Dict, Iterable, Iterator
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -32,15 +32,9 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        returns = func._schema.returns
-        outputs = out if isinstance(out, (tuple, list)) and len(returns) > 1 else [out]
-        for index, tensor in enumerate(tree_flatten(outputs)[0] if len(returns) != len(outputs) else outputs):
-            # A view or an in-place result (the schema marks it as aliasing an input) allocates nothing.
-            aliased = index < len(returns) and returns[index].alias_info is not None
-            if aliased or not isinstance(tensor, torch.Tensor) or tensor.is_meta:
-                continue
+        for tensor in _allocated(func, out):
             storage = tensor.untyped_storage()
-            key = id(storage)  # a storage keeps one Python object for its lifetime; in-place results repeat it
+            key = id(storage)  # a storage keeps one Python object for its lifetime
             if key in self._sizes or not storage.nbytes():
                 continue
             self._sizes[key] = storage.nbytes()
@@ -48,6 +42,16 @@ class LiveBytes(TorchDispatchMode):
             weakref.finalize(storage, self._freed, key)
         self.peak = max(self.peak, self.current)
         return out
+
+
+def _allocated(func, out) -> Iterator[torch.Tensor]:
+    """The tensors among an operation's results that it may have allocated: not views or in-place results,
+    which its schema marks as aliasing an input (`Tensor(a)`, `Tensor(a!)`, `Tensor(a)[]`)."""
+    returns = func._schema.returns
+    values = out if len(returns) > 1 else (out,)
+    for declared, value in zip(returns, values):
+        if declared.alias_info is None:
+            yield from (t for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor) and not t.is_meta)
 
 
 def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:

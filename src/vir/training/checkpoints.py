@@ -9,6 +9,7 @@ artifacts, so re-running the same command skips it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -90,6 +91,8 @@ def publish(staged: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(staged, final)
+    with contextlib.suppress(OSError):  # `.staging/` itself, when nothing else is in it
+        staged.parent.rmdir()
 
 
 def _comparable(cfg: DictConfig | dict) -> dict:
