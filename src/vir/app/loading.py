@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Optional, Sequence
 
 import torch
@@ -157,12 +158,10 @@ def _load_export(path: Path, device: str, dtype: torch.dtype, load_in_4bit: bool
 
     kwargs: dict = {"dtype": dtype}
     if load_in_4bit:
-        from transformers import BitsAndBytesConfig
+        from vir.models.quantization import NOT_QUANTIZED_HF_LLAVA, quantization_config
 
-        kwargs.update(quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4",
-            llm_int8_skip_modules=["model.vision_tower", "model.multi_modal_projector", "lm_head"]),
-            device_map=device)
+        nf4 = SimpleNamespace(quantization="nf4", double_quant=False)
+        kwargs.update(quantization_config=quantization_config(nf4, dtype, NOT_QUANTIZED_HF_LLAVA), device_map=device)
     model = LlavaForConditionalGeneration.from_pretrained(str(path), **kwargs)
     if not load_in_4bit:
         model.to(device)

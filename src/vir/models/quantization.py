@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Dict
+from typing import Any, Dict, Sequence
 
 import torch
 from torch import nn
@@ -21,13 +21,16 @@ from vir.utils.config import ConfigError
 logger = logging.getLogger(__name__)
 
 QUANTIZATIONS = ("none", "nf4", "int8")
-# Module-name prefixes bitsandbytes must leave in full precision (transformers matches them from the start).
+# Module-name prefixes bitsandbytes must leave in full precision (transformers matches them from the start), in
+# vir's layout and in transformers' LlavaForConditionalGeneration's (what vir-export writes).
 NOT_QUANTIZED = ["model.vision_tower", "model.mm_projector", "lm_head"]
+NOT_QUANTIZED_HF_LLAVA = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
 
 
-def quantization_config(llm_cfg: Any, compute_dtype: torch.dtype):
-    """`BitsAndBytesConfig` for `model.llm.quantization` (None for `none`): nf4 with double quantization and
-    `compute_dtype` (the LLM's dtype) matmuls, or LLM.int8."""
+def quantization_config(llm_cfg: Any, compute_dtype: torch.dtype, not_quantized: Sequence[str] = NOT_QUANTIZED):
+    """`BitsAndBytesConfig` for `model.llm.quantization` (None for `none`): nf4, with double quantization when
+    `model.llm.double_quant`, and `compute_dtype` (the LLM's dtype) matmuls, or LLM.int8; the modules under
+    `not_quantized` stay in full precision."""
     kind = getattr(llm_cfg, "quantization", "none")
     if kind not in QUANTIZATIONS:
         raise ConfigError(f"model.llm.quantization={kind!r} is not one of {', '.join(QUANTIZATIONS)}")
@@ -39,8 +42,8 @@ def quantization_config(llm_cfg: Any, compute_dtype: torch.dtype):
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                   bnb_4bit_use_double_quant=llm_cfg.double_quant,
                                   bnb_4bit_compute_dtype=compute_dtype,
-                                  llm_int8_skip_modules=list(NOT_QUANTIZED))
-    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(NOT_QUANTIZED))
+                                  llm_int8_skip_modules=list(not_quantized))
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(not_quantized))
 
 
 def quantized_loading(llm_cfg: Any, compute_dtype: torch.dtype) -> Dict[str, Any]:
