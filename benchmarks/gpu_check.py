@@ -71,11 +71,6 @@ def check_overrides(llm_dir: Path, seq: int, gpu_gb: float) -> list:
             f"plan.gpu_gb={gpu_gb}"]
 
 
-def vision_tower_of(model: torch.nn.Module) -> torch.nn.Module:
-    """The vision tower of a model or of the model a peft wrapper holds."""
-    return (model.get_base_model() if hasattr(model, "get_base_model") else model).get_vision_tower()
-
-
 def peak_flops(device_name: str) -> Optional[float]:
     """The bf16 peak of a device from its name (the longest listed name it contains), or None."""
     names = sorted((n for n in BF16_PEAK_FLOPS if n in device_name), key=len, reverse=True)
@@ -100,7 +95,7 @@ def run_variant(name: str, overrides: list, steps: int, seq: int, device: str,
         model.enable_input_require_grads()
     if not is_quantized(model):  # a quantized model was placed on its device while it loaded
         model.to(device)
-    config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+    config = model.config  # a peft wrapper answers with its model's
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5)
     image_tokens = config.num_image_tokens
@@ -139,7 +134,7 @@ def run_variant(name: str, overrides: list, steps: int, seq: int, device: str,
     # Model FLOPs a token (MFU's convention: recomputation and attention's own matmuls left out): 2 N forward and
     # 2 N for the input gradients through the LLM's N weights, 2 more per weight that trains. N comes from the plan,
     # which counts a 4-bit weight once (bitsandbytes stores two in a byte).
-    llm_weights = plan.total_parameters - sum(p.numel() for p in vision_tower_of(model).parameters())
+    llm_weights = plan.total_parameters - sum(p.numel() for p in model.get_vision_tower().parameters())
     flops = (4 * llm_weights + 2 * sum(p.numel() for p in trainable)) * micro_batch * seq / seconds
     result = {"variant": name, "peak_gb": round(peak, 3), "peak_measured_by": "cuda max_memory_allocated"
               if device == "cuda" else "vir.planning.probe.LiveBytes (CPU)", "planned_peak_gb": round(plan.peak_gb, 3),

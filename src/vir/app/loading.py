@@ -21,9 +21,10 @@ from PIL import Image
 from vir.data.conversation import DEFAULT_IMAGE_TOKEN, Message
 from vir.data.images import preprocess_images, processor_image_size
 from vir.data.templates import build_generation_prompt
+from vir.inference.generate import generation_pad_id
+from vir.models.checkpoint import RUN_CONFIG_FILE
 from vir.utils.errors import UserError
 
-RUN_CONFIG_FILE = "vir_config.yaml"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -63,8 +64,7 @@ class ChatModel:
 
     @property
     def pad_id(self) -> int:
-        tok = self.tokenizer
-        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        return generation_pad_id(self.tokenizer)
 
     def encode(self, messages: Sequence[Message], images: Sequence[Image.Image]) -> dict:
         """`generate` inputs (`input_ids [1, T]`, `attention_mask`, `pixel_values` when there are images) for a

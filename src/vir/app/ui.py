@@ -43,6 +43,10 @@ def _display(turns: List[Turn], partial: Optional[str] = None) -> list:
     return rows
 
 
+def _done(turns: List[Turn]) -> str:
+    return f"Done ({len(turns)} turn{'s' if len(turns) > 1 else ''})."
+
+
 def _error(err: Exception) -> str:
     if isinstance(err, ChatInputError):
         return f"**Error:** {err}"
@@ -77,7 +81,7 @@ class Handlers:
             yield _display(turns), turns[:-1], "Generating...", question, files
             for shown in self._stream(turns, sampling):
                 yield shown, turns[:-1], "Generating...", "", None
-            yield _display(turns), turns, f"Done ({len(turns)} turn{'s' if len(turns) > 1 else ''}).", "", None
+            yield _display(turns), turns, _done(turns), "", None
         except Exception as err:  # noqa: BLE001 - a message in the page, the server goes on
             kept = [t for t in turns if t.answer is not None]
             yield _display(kept), kept, _error(err), question, files
@@ -93,7 +97,7 @@ class Handlers:
         try:
             for shown in self._stream(turns, sampling):
                 yield shown, turns[:-1], "Generating..."
-            yield _display(turns), turns, f"Done ({len(turns)} turn{'s' if len(turns) > 1 else ''})."
+            yield _display(turns), turns, _done(turns)
         except Exception as err:  # noqa: BLE001
             turns[-1] = last
             yield _display(turns), turns, _error(err)

@@ -30,8 +30,7 @@ def pack_rows(lengths: Sequence[int], row_tokens: Optional[int] = None) -> List[
     The batch is padded to its longest row, so it costs rows x longest row: for each row count from the fewest
     that can hold the tokens up to one per sample, samples are placed longest first, each into the shortest
     row so far, then moved or swapped out of the longest row while that shortens it; the cheapest layout
-    within the cap wins (fewer rows on a tie). A cap of at least the
-    batch's total puts everything in one row."""
+    within the cap wins (fewer rows on a tie). A cap of at least the batch's total puts everything in one row."""
     if not lengths:
         raise ValueError("cannot pack an empty batch")
     capacity = max(int(row_tokens or 0), max(lengths))

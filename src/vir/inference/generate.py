@@ -31,6 +31,11 @@ def question_query(question: str, images: Sequence[Image.Image] = (), image_toke
     return Query([Message("user", question)], list(images))
 
 
+def generation_pad_id(tokenizer) -> int:
+    """The id prompts are padded with and `generate` is told to pad with: the pad token, else eos."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad id lists to `[B, T]` for generation; returns (input_ids, attention_mask)."""
     return (pad_batch(sequences, pad_id, side="left"),
@@ -60,7 +65,7 @@ def generate_answers(
     image_token = getattr(config, "image_token", None) or DEFAULT_IMAGE_TOKEN
     image_token_id = getattr(config, "image_token_id", None)
     num_image_tokens = getattr(config, "num_image_tokens", None) or 1
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = generation_pad_id(tokenizer)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import Optional, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -26,7 +26,7 @@ from transformers import AutoTokenizer, CLIPImageProcessorPil, PreTrainedTokeniz
 
 from vir.models.builder import DTYPES, build_model
 from vir.models.llava_arch import LlavaLlamaForCausalLM
-from vir.models.projector import PROJECTOR_FILE, load_projector_state_dict, save_projector
+from vir.models.projector import PROJECTOR_FILE, PathLike, load_projector_state_dict, save_projector
 from vir.models.quantization import QUANTIZATIONS, is_quantized, quantized_loading
 from vir.utils.errors import UserError
 
@@ -36,7 +36,6 @@ RUN_CONFIG_FILE = "vir_config.yaml"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 FULL_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
-PathLike = Union[str, Path]
 
 
 def write_run_artifacts(

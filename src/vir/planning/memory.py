@@ -26,6 +26,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
+from vir.models.builder import DTYPES, build_model_config, build_tokenizer, llm_fields_from_sizes, vision_config
 from vir.models.configuration import LlavaLlamaConfig
 from vir.models.llava_arch import LlavaLlamaForCausalLM
 from vir.training.batching import batch_layout
@@ -33,7 +34,6 @@ from vir.training.deepspeed_config import resolve_deepspeed
 from vir.training.modes import lora_target_modules
 
 GB = 1024**3
-_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 LLAMA3_VOCAB = 128256
 # Bytes per quantized weight, quantization constants included (blocks of 64: an fp32 absmax each, or with double
 # quantization an 8-bit absmax each plus an fp32 constant per 256 blocks).
@@ -81,8 +81,6 @@ def planning_config(model_cfg: Any, vocab_size: Optional[int] = None) -> LlavaLl
     """A LlavaLlamaConfig with the shapes a run of `model.*` trains. With `model.llm.path` it is the run's own
     (`build_model_config`: the checkpoint's shapes, the vocabulary grown for its tokenizer); without it, the
     size fields and `vocab_size` (default Llama-3's 128256), no tokenizer needed."""
-    from vir.models.builder import build_model_config, build_tokenizer, llm_fields_from_sizes, vision_config
-
     if model_cfg.llm.path:
         return build_model_config(model_cfg, build_tokenizer(model_cfg))
     vocab = vocab_size or LLAMA3_VOCAB
@@ -119,7 +117,7 @@ class StateBytes:
 def state_bytes(cfg: Any, model: nn.Module, world: int, zero: Dict[str, Any]) -> StateBytes:
     """Weights, gradients and AdamW states of `model` (built on the meta device) trained as `cfg` says."""
     training, llm = cfg.training, cfg.model.llm
-    half = _DTYPE_BYTES[llm.dtype]
+    half = DTYPES[llm.dtype].itemsize
     quantized = llm.quantization != "none"
     targets = set(lora_target_modules(model)) if training.mode == "stage2_lora" else set()
     weights = grads = optimizer = 0.0
@@ -184,7 +182,7 @@ def plan_memory(cfg: Any, vocab_size: Optional[int] = None, world_size: Optional
     seq = plan_cfg.sequence_length or cfg.model.model_max_length
     tokens = micro * seq
     # bf16 QLoRA keeps its frozen weights, so its residual stream, in bf16; fp16 QLoRA's are upcast to fp32
-    stream = 4 if llm.quantization != "none" and llm.dtype == "float16" else _DTYPE_BYTES[llm.dtype]
+    stream = 4 if llm.quantization != "none" and llm.dtype == "float16" else DTYPES[llm.dtype].itemsize
     kind = {"stage2_lora": "lora", "stage2_full": "full"}.get(training.mode, "frozen")
     layer = tokens * layer_saved_bytes(config, stream, kind, training.lora_r, training.lora_dropout)
     # With checkpointing every layer keeps its input only, and backward recomputes one layer at a time.

@@ -106,13 +106,15 @@ def token_budget_batches(modality_lengths: Sequence[int], max_tokens: int, padde
             group = [group[k] for k in torch.randperm(len(group), generator=generator).tolist()]
         group.sort(key=lambda i: abs(modality_lengths[i]))  # stable: ties keep the shuffled order
         batch: List[int] = []
+        tokens = 0  # the batch's summed lengths
         for index in group:
             length = abs(modality_lengths[index])
-            cost = (len(batch) + 1) * length if padded else sum(abs(modality_lengths[i]) for i in batch) + length
+            cost = (len(batch) + 1) * length if padded else tokens + length
             if batch and cost > max_tokens:
                 batches.append(batch)
-                batch = []
+                batch, tokens = [], 0
             batch.append(index)
+            tokens += length
         if batch:
             batches.append(batch)
     return batches
