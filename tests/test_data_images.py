@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -75,6 +77,48 @@ def test_missing_files_and_directories(folder):
     (folder / "sub").mkdir()
     assert load_image("nope.png", folder) == (None, "missing")
     assert load_image("sub", folder) == (None, "missing")
+
+
+def _within_seconds(call, seconds: float = 10.0):
+    """`call()`'s result, failing (not hanging) the test when it blocks, as reading a named pipe would."""
+    result = []
+    worker = threading.Thread(target=lambda: result.append(call()), daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert result, f"blocked for over {seconds} s"
+    return result[0]
+
+
+def test_paths_the_os_refuses_are_counted_never_raised_nor_blocking(folder, monkeypatch):
+    os.symlink("loop_b.png", folder / "loop_a.png")
+    os.symlink("loop_a.png", folder / "loop_b.png")
+    os.symlink("looping", folder / "looping")
+    os.mkfifo(folder / "pipe.png")
+    Image.new("RGB", (4, 4)).save(folder / "ok.png")
+    opened = []
+    monkeypatch.setattr(images_module, "open", lambda path, *a, **k: opened.append(path) or open(path, *a, **k),
+                        raising=False)
+    cases = {"loop_a.png": "corrupt", "looping/x.png": "corrupt", "a" * 300 + ".png": "missing",
+             "a" * 300 + "/x.png": "missing", "ok.png/x.png": "missing", "pipe.png": "missing", ".": "missing"}
+    for path, status in cases.items():
+        assert _within_seconds(lambda: load_image(path, folder)) == (None, status), path
+    assert opened == []  # the pipe and the folder were looked at, never opened
+
+    def denied(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(images_module, "open", denied, raising=False)  # as root, chmod 000 would still read
+    assert load_image("ok.png", folder) == (None, "corrupt")
+
+
+def test_a_file_swapped_for_a_pipe_after_its_check_is_not_read(folder, monkeypatch):
+    Image.new("RGB", (4, 4)).save(folder / "ok.png")
+    os.mkfifo(folder / "pipe.png")
+    regular = os.stat(folder / "ok.png")
+    real_stat = os.stat
+    monkeypatch.setattr(os, "stat", lambda path, *a, **k: regular if str(path).endswith("pipe.png")
+                        else real_stat(path, *a, **k))
+    assert _within_seconds(lambda: load_image("pipe.png", folder)) == (None, "missing")
 
 
 def test_paths_outside_the_folder_are_refused_and_never_opened(folder, tmp_path, monkeypatch):

@@ -3,6 +3,8 @@ non-image, truncated or oversized file into one clear line."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from PIL import Image
 
@@ -53,3 +55,13 @@ def test_vir_chat_reports_a_corrupt_image_without_a_traceback(tmp_path, capsys, 
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("vir-chat: ") and "not an image file" in err and "Traceback" not in err
+
+
+def test_a_pipe_or_a_folder_given_as_the_image_is_named_for_what_it_is(tmp_path):
+    os.mkfifo(tmp_path / "pipe.png")  # opening it to read would wait for a writer forever
+    os.symlink("loop.png", tmp_path / "loop.png")
+    cases = {"pipe.png": "not a regular file but a named pipe", ".": "not a regular file but a directory",
+             "loop.png": "cannot be read", "a" * 300 + ".png": r"image not found: .* \(File name too long\)"}
+    for name, message in cases.items():
+        with pytest.raises(ImageFileError, match=message):
+            open_user_image(tmp_path / name)

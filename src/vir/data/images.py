@@ -1,17 +1,22 @@
 """Image loading that never crashes a training run and never reads outside the image folder.
 
-`load_image` returns `(image, status)` with status `ok`, `missing`, `corrupt` (exists but cannot be read or
-decoded, truncated files included), `too_large` (more than `MAX_IMAGE_PIXELS` pixels by its header: never
+`load_image` returns `(image, status)` with status `ok`, `missing` (no image file there: nothing, a name too
+long to exist, a directory or a named pipe instead), `corrupt` (exists but cannot be read or decoded: truncated,
+permission denied, a symlink loop), `too_large` (more than `MAX_IMAGE_PIXELS` pixels by its header: never
 decoded) or `refused` (the path resolves outside the image folder: `..`, an absolute path elsewhere or a
-symlink escaping it; such a file is never opened). Every PIL mode comes back as RGB.
+symlink escaping it, or it holds a NUL byte; such a file is never opened). Nothing but a regular file is ever
+opened (a named pipe would block the reader). Every PIL mode comes back as RGB.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import stat
 import warnings
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, BinaryIO, Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -42,12 +47,15 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 
 
 def resolve_image_path(path: str, image_folder: Union[str, Path]) -> Optional[Path]:
-    """`image_folder / path` with symlinks and `..` resolved, or None when it lies outside `image_folder`."""
-    root = Path(image_folder).resolve()
+    """`image_folder / path` with symlinks and `..` resolved, or None when it lies outside `image_folder` or holds
+    a NUL byte; `ImageFileError` when it cannot be resolved (a symlink loop: Python 3.11 raises RuntimeError)."""
     try:
+        root = Path(image_folder).resolve()
         target = (root / path).resolve()
-    except (ValueError, OSError):  # embedded NUL byte, symlink loop
+    except ValueError:  # embedded NUL byte
         return None
+    except (OSError, RuntimeError) as err:
+        raise _path_error(Path(image_folder) / path, err) from None
     return target if target.is_relative_to(root) else None
 
 
@@ -55,15 +63,13 @@ def load_image(path: str, image_folder: Union[str, Path],
                min_side: Optional[int] = None) -> tuple[Optional[Image.Image], str]:
     """Open `image_folder / path` fully decoded as RGB; returns `(image or None, status)` (see module doc).
     With `min_side` (the model's input side), a large image comes back reduced (`decoded_rgb`)."""
-    target = resolve_image_path(path, image_folder)
-    if target is None:
-        return None, IMAGE_REFUSED
-    if not target.is_file():
-        return None, IMAGE_MISSING
     try:
+        target = resolve_image_path(path, image_folder)
+        if target is None:
+            return None, IMAGE_REFUSED
         return decode_image_file(target, min_side), IMAGE_OK
-    except ImageFileError as err:  # a broken file must cost one black image, never the run
-        logger.debug("cannot use %s: %s", target, err)
+    except ImageFileError as err:  # a broken file or path must cost one black image, never the run
+        logger.debug("cannot use %s under %s: %s", path, image_folder, err)
         return None, err.status
 
 
@@ -102,14 +108,64 @@ class ImageFileError(UserError):
         self.status = status
 
 
+# errnos saying no file can be at the path: nothing there, a name over the file system's limit, a file where a
+# folder should be
+_NO_SUCH_FILE = (errno.ENOENT, errno.ENAMETOOLONG, errno.ENOTDIR)
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def _path_error(path: Path, err: Exception) -> ImageFileError:
+    """The `ImageFileError` for a path the OS refused (`OSError`, `ValueError` for a NUL byte, Python 3.11's
+    `RuntimeError` for a symlink loop): `missing` when no file can be there, else `corrupt` (it cannot be read:
+    permission denied, a symlink loop, an I/O error)."""
+    code, words = getattr(err, "errno", None), getattr(err, "strerror", None) or str(err)
+    if isinstance(err, ValueError) or code in _NO_SUCH_FILE:
+        return ImageFileError(f"image not found: {path}" + ("" if code == errno.ENOENT else f" ({words})"),
+                              IMAGE_MISSING)
+    return ImageFileError(f"{path}: cannot be read ({'a symlink loop' if isinstance(err, RuntimeError) else words})")
+
+
+def _check_regular_file(path: Path, mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        kind = next((name for is_kind, name in _FILE_KINDS if is_kind(mode)), "something else")
+        raise ImageFileError(f"{path}: not a regular file but {kind}; give an image file", IMAGE_MISSING)
+
+
+def _open_image_file(path: Path) -> BinaryIO:
+    """`path` opened for binary reading when it is a regular file (symlinks followed), else `ImageFileError`
+    (`_path_error`; a directory, named pipe or device is `missing` and never opened: reading a pipe waits
+    for a writer forever). O_NONBLOCK covers a file swapped for a pipe between the check and the open."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError) as err:
+        raise _path_error(path, err) from None
+    _check_regular_file(path, mode)
+    try:
+        handle = open(path, "rb", opener=_open_nonblocking)
+    except OSError as err:
+        raise _path_error(path, err) from None
+    try:
+        _check_regular_file(path, os.fstat(handle.fileno()).st_mode)
+    except ImageFileError:
+        handle.close()
+        raise
+    return handle
+
+
+def _open_nonblocking(path: str, flags: int) -> int:
+    return os.open(path, flags | getattr(os, "O_NONBLOCK", 0))  # no O_NONBLOCK on Windows, nor named pipes
+
+
 def decode_image_file(path: Path, min_side: Optional[int] = None) -> Image.Image:
-    """An existing file opened and fully decoded as upright RGB (`decoded_rgb`), or `ImageFileError` naming the
-    path and the reason: over the pixel limit by its header (never decoded), not an image, truncated or corrupt.
+    """A regular file (`_open_image_file`) fully decoded as upright RGB (`decoded_rgb`), or `ImageFileError`
+    naming the path and the reason: no such file, unreadable, over the pixel limit by its header (never decoded),
+    not an image, truncated or corrupt.
     PIL raises OSError, SyntaxError, ValueError, struct.error, DecompressionBombError... for broken files."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the explicit limit below decides
-            with Image.open(path) as img:
+            with _open_image_file(path) as handle, Image.open(handle) as img:
                 if too_large(img):
                     raise ImageFileError(f"{path}: image too large ({img.width} x {img.height} pixels); the limit "
                                          f"is {MAX_IMAGE_PIXELS} pixels", IMAGE_TOO_LARGE)
@@ -127,12 +183,9 @@ def decode_image_file(path: Path, min_side: Optional[int] = None) -> Image.Image
 
 def open_user_image(path: Union[str, Path], min_side: Optional[int] = None) -> Image.Image:
     """An image given on a command line (`vir-chat --image`) as upright RGB, or `ImageFileError` naming the path
-    and the reason: missing, not an image, truncated or corrupt, or over the pixel limit. `min_side` reduces a
-    large image as `decoded_rgb` does."""
-    path = Path(path)
-    if not path.is_file():
-        raise ImageFileError(f"image not found: {path}", IMAGE_MISSING)
-    return decode_image_file(path, min_side)
+    and the reason: missing, not a regular file (a directory or named pipe, never opened), unreadable, not an
+    image, truncated or corrupt, or over the pixel limit. `min_side` reduces a large image as `decoded_rgb` does."""
+    return decode_image_file(Path(path), min_side)
 
 
 def to_rgb(img: Image.Image, background_rgb: tuple[int, int, int] = ALPHA_BACKGROUND) -> Image.Image:
