@@ -3,6 +3,7 @@ mistake a config alone can make (training.preflight)."""
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 
@@ -41,11 +42,55 @@ def _wrong_projector(tmp_path):
     return path
 
 
+def _tower_dir(tmp_path):
+    """A directory shaped like a CLIP vision tower's (config.json only: the check reads nothing else)."""
+    return _config_dir(tmp_path / "clip", {"model_type": "clip_vision_model", "hidden_size": 32})
+
+
+def _llm_dir(tmp_path):
+    return _config_dir(tmp_path / "llama", {"model_type": "llama", "hidden_size": 32})
+
+
+def _config_dir(path, config):
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
 CASES = {
     "output dir under a file": (lambda t: [f"training.output_dir={t / 'a_file' / 'run'}"],
                                 r"training.output_dir=.*a_file is a file, not a directory"),
-    "unwritable output dir": (lambda t: ["training.output_dir=/proc/vir-run"],
-                              r"training.output_dir=/proc/vir-run cannot be written"),
+    "output dir in a system tree": (lambda t: ["training.output_dir=/proc/vir-run"],
+                                    r"training.output_dir=/proc/vir-run is a system directory"),
+    "output dir the root": (lambda t: ["training.output_dir=/"], r"training.output_dir=/ is a system directory"),
+    "output dir /etc": (lambda t: ["training.output_dir=/etc"], r"training.output_dir=/etc is a system directory"),
+    "output dir under /usr": (lambda t: ["training.output_dir=/usr/local/run"],
+                              r"training.output_dir=/usr/local/run is a system directory"),
+    "NaN learning rate": (lambda t: ["training.learning_rate=nan"],
+                          r"training.learning_rate=nan must be a finite number > 0.0"),
+    "negative learning rate": (lambda t: ["training.learning_rate=-1e-4"],
+                               r"training.learning_rate=-0.0001 must be a finite number > 0.0"),
+    "infinite projector rate": (lambda t: ["training.mm_projector_lr=inf"],
+                                r"training.mm_projector_lr=inf must be a finite number > 0.0 \(or null\)"),
+    "LoRA rank 0": (lambda t: ["training.lora_r=0"], r"training.lora_r=0 must be a finite number >= 1"),
+    "LoRA dropout 1": (lambda t: ["training.lora_dropout=1.0"], r"training.lora_dropout=1.0 must be in \[0, 1\)"),
+    "no steps": (lambda t: ["training.max_steps=0"], r"training.max_steps=0 must be >= 1, or -1"),
+    "zero epochs": (lambda t: ["training.num_train_epochs=0"], r"training.num_train_epochs=0.0 must be a finite"),
+    "unknown template": (lambda t: ["data.template=nonexistent"],
+                         r"data.template=nonexistent is not one of llama3, plain"),
+    "unknown aspect ratio": (lambda t: ["data.image_aspect_ratio=stretch"],
+                             r"data.image_aspect_ratio=stretch is not one of pad, crop"),
+    "save every 0 steps": (lambda t: ["training.save_steps=0"], r"training.save_steps=0 must be a finite number >= 1"),
+    "LLM directory of a tower": (lambda t: [f"model.llm.path={_tower_dir(t)}"],
+                                 r"model.llm.path=.* holds a 'clip_vision_model' model; model.llm.path takes "
+                                 r"llama or llava_llama"),
+    "tower directory of an LLM": (lambda t: [f"model.vision_tower.path={_llm_dir(t)}"],
+                                  r"model.vision_tower.path=.* holds a 'llama' model; model.vision_tower.path takes "
+                                  r"clip or clip_vision_model"),
+    "model directory without config.json": (lambda t: [f"model.vision_tower.path={t}"],
+                                            r"model.vision_tower.path=.* has no config.json"),
+    "tokenizer directory without a tokenizer": (lambda t: [f"model.tokenizer_path={t}"],
+                                                r"model.tokenizer_path=.* holds no tokenizer"),
     "quantised full fine-tuning": (lambda t: ["training=stage2_full", "model.llm.quantization=nf4"],
                                    r"model.llm.quantization=nf4 .*stage2_lora \(QLoRA\), not stage2_full"),
     "plain template in stage 2": (lambda t: ["data.template=plain"],

@@ -23,6 +23,7 @@ from vir.data.templates import FINETUNE_PAD
 from vir.models.configuration import LlavaLlamaConfig, check_projector_type, check_select_feature
 from vir.models.encoder import load_vision_config, quiet_load_report
 from vir.models.llava_arch import LlavaLlamaForCausalLM
+from vir.models.model_types import check_model_type
 from vir.models.projector import load_projector_state_dict
 from vir.models.quantization import ensure_initialised, quantized_loading
 from vir.utils.config import ConfigError
@@ -30,6 +31,8 @@ from vir.utils.config import ConfigError
 logger = logging.getLogger(__name__)
 
 FALLBACK_PAD = "<pad>"
+# A directory holds a tokenizer when it has one of these (fast, sentencepiece, or a config naming the class).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
 def prepare_tokenizer(
@@ -78,7 +81,11 @@ def build_tokenizer(model_cfg: Any) -> PreTrainedTokenizerBase:
         raise ConfigError("no tokenizer configured: set model.tokenizer_path (or model.llm.path) to a local HF "
                           "tokenizer directory")
     _require_dir(path, key)
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, TypeError) as err:  # no tokenizer files, or ones transformers cannot build
+        raise ConfigError(f"{key}={path}: no tokenizer loads from it ({str(err).splitlines()[0][:200]}); set "
+                          "model.tokenizer_path to the LLM's tokenizer directory") from None
     return prepare_tokenizer(tokenizer, model_cfg.image_token, model_cfg.pad_token, model_cfg.model_max_length)
 
 
@@ -265,10 +272,8 @@ def _read_llm_config(path: Any) -> PreTrainedConfig:
     directory = _require_dir(path, "model.llm.path")
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"model.llm.path={path} has no config.json; point it at a saved HF Llama model")
-    config = AutoConfig.from_pretrained(str(directory))
-    if config.model_type not in ("llama", LlavaLlamaConfig.model_type):
-        raise ConfigError(f"model.llm.path={path} holds a {config.model_type!r} model; only Llama models are supported")
-    return config
+    check_model_type(directory, "model.llm.path")
+    return AutoConfig.from_pretrained(str(directory))
 
 
 def _has_vision_config(path: Any) -> bool:

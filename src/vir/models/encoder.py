@@ -16,6 +16,7 @@ from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from vir.models.configuration import LlavaLlamaConfig, check_select_feature
+from vir.models.model_types import TOWER_TYPES, check_model_type
 from vir.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -25,9 +26,7 @@ PathLike = Union[str, Path]
 
 def load_vision_config(path: PathLike, key: str = "model.vision_tower.path") -> CLIPVisionConfig:
     """Read the CLIP vision config from a local CLIP or CLIPVision directory (`key` names it in errors)."""
-    config_file = _checked_dir(path, key) / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{key}={path} has no config.json; point it at a saved HF CLIP model directory")
+    check_model_type(_checked_dir(path, key), key, TOWER_TYPES)
     # Reads either layout: a CLIPVisionConfig, or a CLIPConfig whose `vision_config` part is taken.
     return CLIPVisionConfig.from_pretrained(str(path))
 

@@ -7,12 +7,18 @@ combinations, precision, batch layout); `check_projector_fits(cfg, model_config)
 
 from __future__ import annotations
 
+import math
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from vir.data.images import IMAGE_ASPECT_RATIOS
+from vir.data.templates import TEMPLATES
+from vir.models.builder import TOKENIZER_FILES
+from vir.models.model_types import MODEL_DIR_TYPES, check_model_type
 from vir.models.projector import KEY_PREFIX, build_projector, load_projector_file, split_projector_keys
 from vir.models.quantization import QUANTIZATIONS
 from vir.training.batching import batch_layout
@@ -25,6 +31,7 @@ def check_run(cfg: Any) -> None:
     """Everything about the run that a config alone can get wrong (see module doc), but the output directory:
     `check_output_dir` comes first, before anything (an import) writes there."""
     _check_paths(cfg)
+    _check_values(cfg)
     _check_options(cfg)
     _check_precision(cfg)
     batch_layout(cfg.training, run_state().num_processes)
@@ -36,6 +43,9 @@ def check_output_dir(value: str, key: str = "training.output_dir", probe: bool =
     probe created is removed again. Under several processes only the main one probes (they would race over
     the directories it creates and removes)."""
     path = Path(value).absolute()
+    if _is_system_dir(path):
+        raise ConfigError(f"{key}={value} is a system directory: a run fills its output directory with checkpoints "
+                          f"and may replace files there; choose a directory of its own (e.g. runs/my_run)")
     ancestor = next(a for a in (path, *path.parents) if a.exists())
     if not ancestor.is_dir():
         raise ConfigError(f"{key}={value}: {ancestor} is a file, not a directory; choose another {key}")
@@ -55,6 +65,61 @@ def check_output_dir(value: str, key: str = "training.output_dir", probe: bool =
                 directory.rmdir()
 
 
+# Never a run's output directory: the root, the top-level system directories, and everything under those the
+# operating system owns. A home directory itself is refused too, a folder inside it is fine.
+_SYSTEM_TOP = ("/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/media", "/mnt", "/opt",
+               "/proc", "/root", "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr", "/var")
+_SYSTEM_TREES = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/proc", "/sbin", "/sys", "/usr")
+
+
+def _is_system_dir(path: Path) -> bool:
+    path = Path(os.path.normpath(path))
+    return (str(path) in _SYSTEM_TOP or path == Path.home()
+            or any(path.is_relative_to(tree) for tree in _SYSTEM_TREES))
+
+
+def _check_values(cfg: Any) -> None:
+    """Numbers in their range (a NaN learning rate, LoRA of rank 0) and names among the choices, before any
+    weight loads rather than as a traceback from deep inside a library."""
+    t, model = cfg.training, cfg.model
+    ranges = [  # (key, value, lowest, lowest allowed itself, optional)
+        ("training.learning_rate", t.learning_rate, 0.0, False, False),
+        ("training.mm_projector_lr", t.mm_projector_lr, 0.0, False, True),
+        ("training.vision_tower_lr", t.vision_tower_lr, 0.0, False, True),
+        ("training.num_train_epochs", t.num_train_epochs, 0.0, False, False),
+        ("training.weight_decay", t.weight_decay, 0.0, True, False),
+        ("training.warmup_ratio", t.warmup_ratio, 0.0, True, False),
+        ("training.lora_alpha", t.lora_alpha, 0.0, False, False),
+        ("training.lora_r", t.lora_r, 1, True, False),
+        ("training.logging_steps", t.logging_steps, 1, True, False),
+        ("training.save_steps", t.save_steps, 1, True, False),
+        ("training.eval_steps", t.eval_steps, 1, True, True),
+        ("training.save_total_limit", t.save_total_limit, 1, True, True),
+        ("training.per_device_train_batch_size", t.per_device_train_batch_size, 1, True, False),
+        ("training.per_device_eval_batch_size", t.per_device_eval_batch_size, 1, True, False),
+        ("training.gradient_accumulation_steps", t.gradient_accumulation_steps, 1, True, False),
+        ("training.length_grouping", t.length_grouping, 1, True, False),
+        ("training.max_nonfinite_steps", t.max_nonfinite_steps, 0, True, False),
+        ("training.loss_chunk_size", t.loss_chunk_size, 0, True, False),
+        ("model.model_max_length", model.model_max_length, 1, True, False),
+    ]
+    for key, value, lowest, inclusive, optional in ranges:
+        if value is None and optional:
+            continue
+        if not math.isfinite(value) or value < lowest or (value == lowest and not inclusive):
+            bound = f">= {lowest}" if inclusive else f"> {lowest}"
+            raise ConfigError(f"{key}={value} must be a finite number {bound}" + (" (or null)" if optional else ""))
+    if not (0.0 <= t.lora_dropout < 1.0):  # NaN fails both comparisons
+        raise ConfigError(f"training.lora_dropout={t.lora_dropout} must be in [0, 1)")
+    if t.max_steps != -1 and t.max_steps < 1:
+        raise ConfigError(f"training.max_steps={t.max_steps} must be >= 1, or -1 (train training.num_train_epochs)")
+    choices = [("data.template", cfg.data.template, tuple(TEMPLATES)),
+               ("data.image_aspect_ratio", cfg.data.image_aspect_ratio, IMAGE_ASPECT_RATIOS)]
+    for key, value, allowed in choices:
+        if value not in allowed:
+            raise ConfigError(f"{key}={value} is not one of {', '.join(allowed)}")
+
+
 def _check_paths(cfg: Any) -> None:
     data = cfg.data
     if data.image_folder is not None and not Path(data.image_folder).is_dir():
@@ -64,6 +129,13 @@ def _check_paths(cfg: Any) -> None:
                        ("model.tokenizer_path", cfg.model.tokenizer_path)):
         if value is not None and not Path(value).is_dir():
             raise ConfigError(f"{key}={value} is not a directory; point it at a local Hugging Face directory")
+        if value is not None and key in MODEL_DIR_TYPES:
+            check_model_type(value, key)
+    tokenizer_dir = cfg.model.tokenizer_path or cfg.model.llm.path
+    if tokenizer_dir is not None and not any((Path(tokenizer_dir) / name).is_file() for name in TOKENIZER_FILES):
+        key = "model.tokenizer_path" if cfg.model.tokenizer_path else "model.llm.path"
+        raise ConfigError(f"{key}={tokenizer_dir} holds no tokenizer ({' or '.join(TOKENIZER_FILES)}); set "
+                          "model.tokenizer_path to the LLM's tokenizer directory")
     projector = cfg.model.pretrained_projector
     if projector is not None and not Path(projector).exists():
         raise ConfigError(f"model.pretrained_projector={projector}: no such file (a LLaVA mm_projector.bin, or the "

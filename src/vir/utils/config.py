@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import sys
@@ -18,6 +19,7 @@ from vir.utils.config_schema import register_configs, schema
 from vir.utils.errors import UserError
 
 CONFIG_MODULE = "vir.conf"
+_STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 CONFIG_NAME = "config"
 
 
@@ -94,6 +96,12 @@ def cli_entry(run: Callable[[DictConfig], int]) -> Callable[[], None]:
             status = run(cfg)
         except (UserError, FileNotFoundError) as err:  # what the user can fix: the message, no traceback
             print(f"{Path(sys.argv[0]).name}: {err}", file=sys.stderr)
+            sys.exit(2)
+        except OSError as err:  # out of disk, over quota, a read-only mount: the path and the reason
+            if err.errno not in _STORAGE_ERRNOS:
+                raise
+            print(f"{Path(sys.argv[0]).name}: cannot write {err.filename or 'a file'}: {err.strerror}; free space "
+                  "(or make it writable) and re-run", file=sys.stderr)
             sys.exit(2)
         sys.exit(status)
 
