@@ -4,18 +4,14 @@ resumed run is told about a changed config."""
 from __future__ import annotations
 
 import pytest
-from omegaconf import OmegaConf
 
 from vir.training.checkpoints import (
     STATE_FILE,
-    config_changes,
-    finished_run,
-    mark_finished,
     newest_complete_checkpoint,
     publish,
     resume_target,
 )
-from vir.utils.config import ConfigError, compose_config
+from vir.utils.config import ConfigError
 
 
 def _checkpoint(root, step, complete=True):
@@ -55,16 +51,3 @@ def test_publish_moves_a_staged_checkpoint_into_place_replacing_one_of_the_same_
     publish(staged, tmp_path / "checkpoint-4")
     assert sorted(p.name for p in (tmp_path / "checkpoint-4").iterdir()) == ["new", STATE_FILE]
     assert not (tmp_path / ".staging").exists()  # nothing left behind
-
-
-def test_config_changes_name_each_changed_key_and_finished_runs_need_the_same_config(tmp_path):
-    cfg = compose_config(["model=tiny", "training.max_steps=10"])
-    OmegaConf.save(cfg, tmp_path / "vir_config.yaml", resolve=True)
-    assert config_changes(tmp_path / "vir_config.yaml", cfg) == []
-    longer = compose_config(["model=tiny", "training.max_steps=20", "training.resume_from_checkpoint=auto"])
-    assert config_changes(tmp_path / "vir_config.yaml", longer) == ["training.max_steps: 10 -> 20"]
-
-    assert finished_run(tmp_path, cfg, "vir_config.yaml") is None  # no completion record yet
-    mark_finished(tmp_path, {"global_step": 10})
-    assert finished_run(tmp_path, cfg, "vir_config.yaml") == {"global_step": 10}
-    assert finished_run(tmp_path, longer, "vir_config.yaml") is None

@@ -18,8 +18,6 @@ import shutil
 from pathlib import Path
 from typing import List, Optional
 
-from omegaconf import DictConfig, OmegaConf
-
 from vir.utils.config import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -28,7 +26,6 @@ STAGING_DIR = ".staging"
 COMPLETE_FILE = "training_complete.json"
 STATE_FILE = "trainer_state.json"  # the Trainer writes it last into a checkpoint
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-_RESUME_KEY = "resume_from_checkpoint"
 
 
 def checkpoint_dirs(output_dir: Path) -> List[Path]:
@@ -37,6 +34,19 @@ def checkpoint_dirs(output_dir: Path) -> List[Path]:
         return []
     found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := _CHECKPOINT.match(p.name)) and p.is_dir()]
     return [path for _, path in sorted(found)]
+
+
+# The weights a loader takes from a run's root (full, sharded, adapter, projector), in every format it reads.
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json", "adapter_model.safetensors", "adapter_model.bin",
+                 "adapter_config.json", "mm_projector.bin")
+_WEIGHT_FILE_PATTERNS = ("model-*-of-*.safetensors", "pytorch_model-*-of-*.bin")
+
+
+def final_weight_files(output_dir: Path) -> List[Path]:
+    """The weight files present at `output_dir`'s root (see `_WEIGHT_FILES`)."""
+    found = [output_dir / name for name in _WEIGHT_FILES if (output_dir / name).exists()]
+    return found + [p for pattern in _WEIGHT_FILE_PATTERNS for p in sorted(output_dir.glob(pattern))]
 
 
 def is_complete(checkpoint: Path) -> bool:
@@ -93,40 +103,6 @@ def publish(staged: Path, final: Path) -> None:
         os.replace(staged, final)
     with contextlib.suppress(OSError):  # `.staging/` itself, when nothing else is in it
         staged.parent.rmdir()
-
-
-def _comparable(cfg: DictConfig | dict) -> dict:
-    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    container.get("training", {}).pop(_RESUME_KEY, None)
-    return container
-
-
-def config_changes(saved: Path, cfg: DictConfig) -> List[str]:
-    """`key: old -> new` for every leaf where the config saved at `saved` differs from `cfg`."""
-    old, new = _flat(_comparable(OmegaConf.load(saved))), _flat(_comparable(cfg))
-    return [f"{key}: {old.get(key, '(absent)')} -> {new.get(key, '(absent)')}"
-            for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)]
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def finished_run(output_dir: Path, cfg: DictConfig, config_file: str) -> Optional[dict]:
-    """The completion record of a run that already ended in `output_dir` with this very config, else None."""
-    marker, saved = output_dir / COMPLETE_FILE, output_dir / config_file
-    if not (marker.is_file() and saved.is_file()):
-        return None
-    if _comparable(OmegaConf.load(saved)) != _comparable(cfg):
-        logger.info("%s holds a finished run with another config: training again", output_dir)
-        return None
-    return json.loads(marker.read_text())
 
 
 def mark_finished(output_dir: Path, record: dict) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -19,15 +20,16 @@ from vir.data.conversation import IGNORE_INDEX
 from vir.data.dataset import LazySupervisedDataset
 from vir.inference.generate import answer_predictor
 from vir.models.builder import build_inputs, build_model
-from vir.models.checkpoint import RUN_CONFIG_FILE
 from vir.models.hf_import import apply_init_from_hf
 from vir.training.batching import batch_layout
 from vir.training.callbacks import CurvesCallback, DataStatsCallback, SampleVisualizerCallback
-from vir.training.checkpoints import clear_finished, config_changes, finished_run, mark_finished, resume_target
+from vir.training.checkpoints import clear_finished, mark_finished
 from vir.training.deepspeed_config import deepspeed_arguments
 from vir.training.distributed import main_process_first, run_state
 from vir.training.modes import apply_training_mode
+from vir.training.ownership import Claim, claim_decision, clear_other_run, record_identity
 from vir.training.preflight import check_output_dir, check_projector_fits, check_run
+from vir.training.run_lock import run_dir_lock
 from vir.training.trainer import LlavaTrainer
 
 logger = logging.getLogger(__name__)
@@ -92,31 +94,43 @@ def token_accuracy(eval_pred) -> dict:
     return {"token_accuracy": float((predictions[mask] == labels[mask]).mean()) if mask.any() else 0.0}
 
 
+def history_train_loss(log_history: list) -> float:
+    """The mean of the training losses a run logged (0.0 when it logged none)."""
+    losses = [row["loss"] for row in log_history if "loss" in row]
+    return float(np.mean(losses)) if losses else 0.0
+
+
 def run_training(cfg: DictConfig, visualizer_samples: Optional[list] = None) -> TrainOutcome:
     """Train one stage as `cfg` says and write the final artifacts at `training.output_dir`'s root.
 
-    `visualizer_samples` (`EvalItem`s) enable the sample visualiser (callbacks.SampleVisualizerCallback): greedy
-    answers with this run's tokenizer and image processor, `recipe.eval_max_new_tokens` at most.
+    The output directory belongs to this run (`vir.training.ownership`): a directory holding another run stops
+    with one line, one holding this very run is resumed (`training.resume_from_checkpoint=auto`) or reported
+    finished; the main process holds its lock (`vir.training.run_lock`) throughout. `visualizer_samples`
+    (`EvalItem`s) enable the sample visualiser (callbacks.SampleVisualizerCallback): greedy answers with this
+    run's tokenizer and image processor, `recipe.eval_max_new_tokens` at most.
     """
     os.environ.setdefault("WANDB_MODE", "offline")  # `wandb sync wandb/offline-run-*` uploads a run later
     os.environ.setdefault("WANDB_PROJECT", "vir")
     set_seed(cfg.seed)
-    check_output_dir(cfg.training.output_dir, probe=run_state().is_main_process)
-    with main_process_first():  # model.init_from_hf: split a transformers Llava directory into our bases
-        apply_init_from_hf(cfg)
-    check_run(cfg)
+    state = run_state()
+    check_output_dir(cfg.training.output_dir, probe=state.is_main_process)
     output_dir = Path(cfg.training.output_dir)
-    if cfg.training.resume_from_checkpoint == "auto":
-        done = finished_run(output_dir, cfg, RUN_CONFIG_FILE)
-        if done is not None:
+    with run_dir_lock(output_dir) if state.is_main_process else contextlib.nullcontext():
+        claim = claim_decision(cfg, output_dir, state.num_processes)  # reading only, before anything is written
+        state.wait_for_everyone()  # every process decided before the main one writes
+        with main_process_first():  # model.init_from_hf: split a transformers Llava directory into our bases
+            apply_init_from_hf(cfg)
+        check_run(cfg)
+        if claim.finished is not None:
+            done = claim.finished
             logger.info("%s already finished this run (step %d): nothing to train", output_dir, done["global_step"])
             return TrainOutcome(output_dir, done["global_step"], done["train_loss"], done["log_history"],
                                 done["data_stats"])
-    resume = resume_target(cfg.training.resume_from_checkpoint, output_dir)
-    if resume and (Path(resume) / RUN_CONFIG_FILE).is_file():
-        changes = config_changes(Path(resume) / RUN_CONFIG_FILE, cfg)
-        if changes:
-            logger.warning("resuming %s, which was trained with another config: %s", resume, "; ".join(changes))
+        return _train(cfg, output_dir, claim, visualizer_samples)
+
+
+def _train(cfg: DictConfig, output_dir: Path, claim: Claim, visualizer_samples: Optional[list]) -> TrainOutcome:
+    resume = claim.resume
     tokenizer, image_processor, model_config = build_inputs(cfg)
     check_projector_fits(cfg, model_config)
     datasets = {
@@ -165,11 +179,16 @@ def run_training(cfg: DictConfig, visualizer_samples: Optional[list] = None) -> 
         max_tokens_per_batch=cfg.training.max_tokens_per_batch,
     )
     if trainer.args.should_save:
+        if claim.replace:
+            clear_other_run(output_dir)
+        record_identity(output_dir, claim.identity)
         clear_finished(output_dir)
     result = trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(str(output_dir))
-    trainer.save_state()
-    outcome = TrainOutcome(output_dir, trainer.state.global_step, result.training_loss,
+    trainer.save_final(output_dir)
+    # A run resumed from its last checkpoint trains no step (LlavaTrainer): its loss is the history's.
+    trained_here = trainer.state.global_step > trainer.steps_at_start
+    outcome = TrainOutcome(output_dir, trainer.state.global_step,
+                           result.training_loss if trained_here else history_train_loss(trainer.state.log_history),
                            trainer.state.log_history, stats_callback.totals)
     if trainer.args.should_save:  # last: re-running with resume_from_checkpoint=auto skips a finished run
         mark_finished(output_dir, {"global_step": outcome.global_step, "train_loss": outcome.train_loss,

@@ -18,10 +18,10 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from vir.data.accounting import LEDGER_FILE, RecordLedger
 from vir.models.checkpoint import write_run_artifacts
 from vir.models.projector import PROJECTOR_FILE, load_projector_state_dict
-from vir.training.checkpoints import STAGING_DIR, STATE_FILE, checkpoint_dirs, publish
+from vir.training.checkpoints import STAGING_DIR, STATE_FILE, checkpoint_dirs, final_weight_files, publish
 from vir.training.distributed import all_processes_agree, sum_array_over_processes
 from vir.training.sampler import grouped_train_sampler, token_budget_sampler
-from vir.utils.errors import UserError
+from vir.utils.errors import UserError, write_failure
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +116,7 @@ class LlavaTrainer(Trainer):
         self.mm_projector_lr = mm_projector_lr
         self.vision_tower_lr = vision_tower_lr
         self._staging = False
+        self.steps_at_start = 0  # the global step training started (or resumed) from
         self.record_ledger = record_ledger
         self.max_nonfinite_steps = max_nonfinite_steps
         self.nonfinite_streak = 0  # consecutive optimizer steps skipped for non-finite gradients
@@ -285,22 +286,20 @@ class LlavaTrainer(Trainer):
         self._staging = True
         try:
             super()._save_checkpoint(model, trial)
-        except OSError as err:  # out of disk, quota, a vanished mount: the previous checkpoint stays whole
-            shutil.rmtree(run_dir / STAGING_DIR, ignore_errors=True)
-            previous = [p.name for p in checkpoint_dirs(run_dir)]
-            raise CheckpointWriteError(
-                f"cannot write {name} into {run_dir} ({err.strerror or err}); "
-                + (f"{previous[-1]} is intact: free space and re-run with training.resume_from_checkpoint=auto"
-                   if previous else "no earlier checkpoint exists")) from err
+        except Exception as err:  # out of disk, quota, a vanished mount: the previous checkpoint stays whole
+            self._raise_write_failure(err, name, run_dir, staged=run_dir / STAGING_DIR)
         finally:
             self._staging = False
             self.args.save_total_limit = limit
         ledger = self.record_ledger.reduced(sum_array_over_processes) if self.record_ledger is not None else None
         self.accelerator.wait_for_everyone()  # every process's shards and RNG states are written
         if self.args.should_save:
-            if ledger is not None:  # the run's total so far: a resumed run's data_stats.json counts it all
-                ledger.save(run_dir / STAGING_DIR / name / LEDGER_FILE)
-            publish(run_dir / STAGING_DIR / name, run_dir / name)
+            try:
+                if ledger is not None:  # the run's total so far: a resumed run's data_stats.json counts it all
+                    ledger.save(run_dir / STAGING_DIR / name / LEDGER_FILE)
+                publish(run_dir / STAGING_DIR / name, run_dir / name)
+            except Exception as err:
+                self._raise_write_failure(err, name, run_dir, staged=run_dir / STAGING_DIR)
             best = self.state.best_model_checkpoint
             if best and Path(best).parent.name == STAGING_DIR:
                 self.state.best_model_checkpoint = str(run_dir / Path(best).name)
@@ -308,6 +307,44 @@ class LlavaTrainer(Trainer):
             rotate_checkpoints(str(run_dir), save_total_limit=limit,
                                best_model_checkpoint=self.state.best_model_checkpoint)
         self.accelerator.wait_for_everyone()
+
+    def save_final(self, output_dir: Path) -> None:
+        """The run's final artifacts at `output_dir`'s root (weights, projector, configs, `trainer_state.json`).
+        A failed write (out of disk) removes the weights it began and raises `CheckpointWriteError`: the
+        checkpoints stay, and `resume_from_checkpoint=auto` finishes the run from the newest one."""
+        try:
+            self.save_model(str(output_dir))
+            self.save_state()
+        except Exception as err:
+            if self.args.should_save:
+                for path in final_weight_files(output_dir):
+                    path.unlink(missing_ok=True)
+            self._raise_write_failure(err, "the final weights", output_dir)
+
+    def _raise_write_failure(self, err: Exception, what: str, run_dir: Path, staged: Optional[Path] = None) -> None:
+        """Re-raise `err` as one line naming what could not be written and the intact previous checkpoint, when
+        it is a failed write (`write_failure`); as it is otherwise. `staged` (a staging area) is removed."""
+        reason = write_failure(err, run_dir)
+        if staged is not None and self.args.should_save:
+            shutil.rmtree(staged, ignore_errors=True)
+        if reason is None:
+            raise err
+        previous = [p.name for p in checkpoint_dirs(run_dir)]
+        raise CheckpointWriteError(
+            f"cannot write {what} into {run_dir} ({reason}); "
+            + (f"{previous[-1]} is intact: free space and re-run with training.resume_from_checkpoint=auto"
+               if previous else "no earlier checkpoint exists")) from err
+
+    def _init_training_state(self, max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint,
+                             trial):
+        """The Trainer's, except that a run resumed from a checkpoint at `max_steps` trains no further step (the
+        Trainer would take one more when `max_steps` is not a whole number of epochs): it only finishes."""
+        epochs_trained, steps_in_epoch = super()._init_training_state(
+            max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial)
+        self.steps_at_start = self.state.global_step
+        if self.state.global_step >= max_steps:
+            return max(epochs_trained, num_train_epochs), 0  # the epoch loop then runs no epoch
+        return epochs_trained, steps_in_epoch
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Also restore `mm_projector.bin`: a peft adapter does not hold the projector, and projector-only

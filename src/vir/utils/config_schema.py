@@ -139,6 +139,10 @@ class TrainingConfig:
     # null: start fresh; `auto`: continue from the newest complete checkpoint in output_dir (or start fresh when
     # there is none; a finished run with the same config is not trained again); or a checkpoint-N directory.
     resume_from_checkpoint: Optional[str] = None
+    # A directory holding another run (another identity: vir.training.ownership) is refused; true replaces that
+    # run (its checkpoints, weights and records are removed) with this one. A directory holding this very run is
+    # resumed or reported finished as usual, so a requeued job that passes it again loses nothing.
+    overwrite_output_dir: bool = False
     # The training loss projects only the positions that train through lm_head, this many at a time, never the
     # full [batch, length, vocab] fp32 logits (vir.models.loss); 0: transformers' loss over full logits.
     loss_chunk_size: int = 1024
