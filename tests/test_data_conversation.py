@@ -68,7 +68,8 @@ def _conv(*turns):
 @pytest.mark.parametrize(
     "raw, reason",
     [
-        (["not", "a", "dict"], "expected a JSON object"),
+        (["not", "a", "dict"], "expected a JSON object, got an array"),
+        (None, "expected a JSON object, got null"),
         ({"id": "r"}, "no 'conversations'"),
         ({"id": "r", "conversations": []}, "empty conversation"),
         ({"id": "r", "conversations": _conv(("bot", "x"), ("gpt", "y"))}, "unknown role 'bot'"),
@@ -93,7 +94,7 @@ def test_invalid_records_are_reported_by_id(raw, reason):
     with pytest.raises(InvalidRecordError) as info:
         normalize_record(raw, 3)
     assert reason in info.value.reason
-    assert info.value.record_id == ("r" if isinstance(raw, dict) else "3")
+    assert info.value.record_id == ("r" if isinstance(raw, dict) else "#3")  # no id: named as README says
     assert info.value.record_id in str(info.value)
 
 

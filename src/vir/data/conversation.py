@@ -59,16 +59,17 @@ MISSING_ID_PREFIX = "#"  # `#12`: the 13th record of its file, which had no id
 
 
 def normalize_record(raw: Any, index: int, image_token: str = DEFAULT_IMAGE_TOKEN) -> Record:
-    """Validate one raw record and return it as a `Record`; a record without an id (missing or null) is called
-    `#<index>`, its position in the file, which no real id written as a number can collide with.
+    """Validate one raw record and return it as a `Record`; a record without an id (missing or null, or no object
+    at all, such as `null`) is called `#<index>`, its position in the file, which no real id written as a number
+    can collide with.
 
     Raises `InvalidRecordError(record_id, reason)` for: a non-object, no/empty conversation, an unknown role,
     non-string content, an empty turn, a system turn not first, a first non-system turn not from the user,
     roles not alternating user/assistant, no assistant turn, `image` not a string or list of strings, a tag in a
     system/assistant turn, or a number of `<image>` tags different from the number of images.
     """
-    if not isinstance(raw, Mapping):
-        raise InvalidRecordError(str(index), f"expected a JSON object, got {type(raw).__name__}")
+    if not isinstance(raw, Mapping):  # `null`, a list, a number...: no id to read, so named by its position
+        raise InvalidRecordError(f"{MISSING_ID_PREFIX}{index}", f"expected a JSON object, got {_json_type(raw)}")
     record_id = str(raw["id"]) if raw.get("id") is not None else f"{MISSING_ID_PREFIX}{index}"
 
     def invalid(reason: str) -> InvalidRecordError:
@@ -78,7 +79,7 @@ def normalize_record(raw: Any, index: int, image_token: str = DEFAULT_IMAGE_TOKE
     if turns is None:
         raise invalid("no 'conversations' (or 'messages') list")
     if not isinstance(turns, list):
-        raise invalid(f"'conversations' must be a list, got {type(turns).__name__}")
+        raise invalid(f"'conversations' must be a list, got {_json_type(turns)}")
     if not turns:
         raise invalid("empty conversation")
     messages = [_normalize_turn(turn, k, invalid) for k, turn in enumerate(turns)]
@@ -91,6 +92,15 @@ def normalize_record(raw: Any, index: int, image_token: str = DEFAULT_IMAGE_TOKE
     return Record(id=record_id, images=images, messages=tuple(messages))
 
 
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
+               float: "a number", type(None): "null"}
+
+
+def _json_type(value: Any) -> str:
+    """What `value` is, in JSON's words (`null`, `an array`...), for messages about the user's file."""
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
 def _normalize_turn(turn: Any, k: int, invalid) -> Message:
     if not isinstance(turn, Mapping):
         raise invalid(f"turn {k} is not an object")
@@ -99,7 +109,7 @@ def _normalize_turn(turn: Any, k: int, invalid) -> Message:
     if role not in ROLE_ALIASES:
         raise invalid(f"turn {k}: unknown role {role!r} (expected human/gpt/system or user/assistant/system)")
     if not isinstance(content, str):
-        raise invalid(f"turn {k}: content must be a string, got {type(content).__name__}")
+        raise invalid(f"turn {k}: content must be a string, got {_json_type(content)}")
     return Message(ROLE_ALIASES[role], content)
 
 
