@@ -6,10 +6,12 @@ Outcomes (`Case.outcome`):
 - `ok`: trains normally (every image format and PIL mode, EXIF-rotated, 1x1, 10000x20, non-ASCII and
   right-to-left text, a record without an id, duplicated ids, an unanswered final user turn);
 - `fallback:<status>`: trains with a black image, counted by status (`corrupt`, `missing`, `refused`,
-  `too_large`) under the record's id;
+  `too_large`) under the record's id; paths the OS refuses too (a symlink loop, a 300-character name, a named
+  pipe, which must never be opened, and a directory);
 - `truncated`: trains, cut to `model_max_length`;
 - `skipped`: cannot train at `model_max_length` (its image would be cut), replaced and counted by id;
-- `invalid:<reason fragment>`: rejected at load by id and reason, listed by `vir-validate` and `data_stats.json`.
+- `invalid:<reason fragment>`: rejected at load by id and reason, listed by `vir-validate` and `data_stats.json`
+  (a `null` in the list of records by its position, `#<position>`).
 """
 
 from __future__ import annotations
@@ -97,6 +99,16 @@ def _write_images(images: Path) -> Dict[str, str]:
     (images / "escape_link.png").unlink(missing_ok=True)
     (images / "escape_link.png").symlink_to(outside)
     paths.update(escape_dotdot="../outside.png", escape_absolute=str(outside), escape_symlink="images/escape_link.png")
+    # paths the OS refuses: a symlink loop, a name over the file system's 255 bytes, a named pipe (reading it would
+    # wait for a writer forever), a directory
+    for link, target in (("loop_a.png", "loop_b.png"), ("loop_b.png", "loop_a.png")):
+        (images / link).unlink(missing_ok=True)
+        (images / link).symlink_to(target)
+    if not (images / "pipe.png").exists():
+        os.mkfifo(images / "pipe.png")
+    (images / "folder.png").mkdir(exist_ok=True)
+    paths.update(symlink_loop="images/loop_a.png", long_name="images/" + "n" * 300 + ".png", pipe="images/pipe.png",
+                 directory="images/folder.png")
     return paths
 
 
@@ -112,7 +124,8 @@ def build_corpus(root: Path) -> Corpus:
         add(f"img_{name}", "ok", image=paths[name], conversations=_qa())
     for name, status in (("corrupt", "corrupt"), ("truncated", "corrupt"), ("empty", "corrupt"),
                          ("missing", "missing"), ("bomb", "too_large"), ("escape_dotdot", "refused"),
-                         ("escape_absolute", "refused"), ("escape_symlink", "refused")):
+                         ("escape_absolute", "refused"), ("escape_symlink", "refused"), ("symlink_loop", "corrupt"),
+                         ("long_name", "missing"), ("pipe", "missing"), ("directory", "missing")):
         add(f"img_{name}", f"fallback:{status}", image=paths[name], conversations=_qa())
     add("two_images", "ok", image=[paths["format_png"], paths["mode_L"]],
         conversations=_qa("<image> and <image>: which is brighter?", "The second.", image=False))
@@ -143,6 +156,8 @@ def build_corpus(root: Path) -> Corpus:
     records = [case.record for case in cases]
     records.append({"image": paths["format_png"], "conversations": _qa()})  # no id: named by its position
     cases.append(Case(f"#{len(records) - 1}", "ok", records[-1]))
+    records.append(None)  # not a record at all: no id to read, so named by its position too
+    cases.append(Case(f"#{len(records) - 1}", "invalid:expected a JSON object, got null", None))
 
     corpus_json = root / "corpus.json"
     corpus_json.write_text(json.dumps(records, ensure_ascii=False, indent=1), encoding="utf-8")

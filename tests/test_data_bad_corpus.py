@@ -115,6 +115,24 @@ def test_cut_files_fail_naming_the_line_and_the_cut(bases, corpus):
         _dataset(bases, corpus, corpus.cut_json)
 
 
+def test_a_trailing_comma_is_named_at_the_comma_not_as_a_cut(bases, corpus, tmp_path):
+    head = corpus.json.read_text().rstrip().removesuffix("]").rstrip()  # `[ ... }`: the list minus its bracket
+    listed = tmp_path / "comma.json"
+    listed.write_text(head + ",\n]\n")
+    line, column = head.count("\n") + 1, len(head.rsplit("\n", 1)[-1]) + 1
+    with pytest.raises(DataFileError, match=rf"comma\.json: malformed JSON, a trailing comma at line {line}, column "
+                                            rf"{column}, before '\]' \(JSON allows none: delete it\)$"):
+        _dataset(bases, corpus, listed)
+    lines = corpus.jsonl.read_text().splitlines()
+    for second, message in ((lines[1][:-1] + ",}", r"a trailing comma at column \d+, before '\}'"),
+                            (lines[1] + ",", r"column \d+: Extra data \(expected")):  # a comma after the record
+        per_line = tmp_path / "comma.jsonl"
+        per_line.write_text("\n".join([lines[0], second, *lines[2:]]) + "\n")
+        with pytest.raises(DataFileError, match=rf"comma\.jsonl:2: malformed JSON line, {message}") as raised:
+            _dataset(bases, corpus, per_line)
+        assert "cut off" not in str(raised.value)
+
+
 def test_a_pretty_printed_object_is_named_as_such(bases, corpus, tmp_path):
     path = tmp_path / "one.json"
     path.write_text(json.dumps({"data": [corpus.cases[0].record]}, indent=2))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Iterator, Optional, Union
 
 import numpy as np
 
@@ -34,7 +34,9 @@ def read_raw_records(path: Union[str, Path]) -> Iterator[Any]:
                 try:
                     records = json.loads(text)
                 except json.JSONDecodeError as err:
-                    cut = " (the file ends before the list does: cut off?)" if err.pos >= len(text.rstrip()) - 1 else ""
+                    if comma := _trailing_comma(text, err, "line {line}, column {column}"):
+                        raise DataFileError(f"{path}: malformed JSON, {comma}") from None
+                    cut = " (the file ends before the list does: cut off?)" if _cut_off(text, err) else ""
                     raise DataFileError(f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: "
                                         f"{err.msg}{cut} ({hint})") from None
                 del text
@@ -47,12 +49,34 @@ def read_raw_records(path: Union[str, Path]) -> Iterator[Any]:
                     except json.JSONDecodeError as err:
                         if lineno == 1:
                             _refuse_multiline_object(path, handle)
-                        end = len(line.rstrip())
-                        where = (f"the line ends at column {end} before its record does (cut off?): {err.msg}"
-                                 if err.pos >= end - 1 else f"column {err.colno}: {err.msg}")
+                        if comma := _trailing_comma(line, err, "column {column}"):
+                            raise DataFileError(f"{path}:{lineno}: malformed JSON line, {comma}") from None
+                        where = (f"the line ends at column {len(line.rstrip())} before its record does (cut off?): "
+                                 f"{err.msg}" if _cut_off(line, err) else f"column {err.colno}: {err.msg}")
                         raise DataFileError(f"{path}:{lineno}: malformed JSON line, {where} ({hint})") from None
     except UnicodeDecodeError as err:
         raise DataFileError(f"{path}: not UTF-8 text ({err})") from None
+
+
+def _cut_off(text: str, err: json.JSONDecodeError) -> bool:
+    """Whether `text` stops being JSON only at its end, as a file or line cut short does (not "Extra data": that
+    follows a complete value)."""
+    return err.msg != "Extra data" and err.pos >= len(text.rstrip()) - 1
+
+
+def _trailing_comma(text: str, err: json.JSONDecodeError, where: str) -> Optional[str]:
+    """`a trailing comma at <where> before ']' ...` when `err` stopped at a `]` or `}` right after a comma (JSON,
+    unlike Python and JavaScript, allows none), else None; `where` is formatted with the comma's `line` and
+    `column`."""
+    if err.pos >= len(text) or text[err.pos] not in "]}":
+        return None
+    comma = err.pos - 1
+    while comma >= 0 and text[comma] in " \t\r\n":
+        comma -= 1
+    if comma < 0 or text[comma] != ",":
+        return None
+    at = where.format(line=text.count("\n", 0, comma) + 1, column=comma - text.rfind("\n", 0, comma))
+    return f"a trailing comma at {at}, before '{text[err.pos]}' (JSON allows none: delete it)"
 
 
 def _refuse_multiline_object(path: Union[str, Path], handle) -> None:
