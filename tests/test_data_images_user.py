@@ -45,16 +45,19 @@ def test_a_bad_image_on_the_command_line_is_one_clear_error(tmp_path, monkeypatc
         open_user_image(tmp_path / "ok.png")
 
 
-def test_vir_chat_reports_a_corrupt_image_without_a_traceback(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("name, message", [("text.png", "not an image file"),
+                                           ("pipe.png", "not a regular file but a named pipe")])
+def test_vir_chat_reports_a_bad_image_without_a_traceback(tmp_path, capsys, monkeypatch, name, message):
     from vir.cli import chat
 
     (tmp_path / "text.png").write_text("not an image")
+    os.mkfifo(tmp_path / "pipe.png")
     monkeypatch.setattr(chat, "load_run", lambda run_dir: (None, None, None, None))
     with pytest.raises(SystemExit) as exit_info:
-        chat.main([str(tmp_path), "--image", str(tmp_path / "text.png"), "--prompt", "What?"])
+        chat.main([str(tmp_path), "--image", str(tmp_path / name), "--prompt", "What?"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("vir-chat: ") and "not an image file" in err and "Traceback" not in err
+    assert err.startswith("vir-chat: ") and message in err and "Traceback" not in err
 
 
 def test_a_pipe_or_a_folder_given_as_the_image_is_named_for_what_it_is(tmp_path):
