@@ -9,14 +9,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
+from pathlib import Path
 from importlib import import_module
 from importlib.metadata import entry_points
 
 from omegaconf import DictConfig
 
 from vir.inference.evaluate import format_metrics
+from vir.training.distributed import run_state
+from vir.training.preflight import check_output_dir
+from vir.training.run_lock import run_dir_lock
 from vir.utils.config import ConfigError, cli_entry
 
 RECIPE_ENTRY_POINTS = "vir.recipes"  # recipe.name -> a module with `run(cfg) -> dict` (pyproject.toml)
@@ -32,7 +37,12 @@ def run(cfg: DictConfig) -> int:
     if cfg.recipe.name not in known:
         raise ConfigError(f"recipe.name={cfg.recipe.name!r} is not one of {', '.join(sorted(known))}")
     start = time.time()
-    result = import_module(known[cfg.recipe.name]).run(cfg)
+    output_dir = cfg.training.output_dir
+    main_process = run_state().is_main_process
+    check_output_dir(output_dir, probe=main_process)
+    # The recipe's whole run directory (a demo's data and stages too); run_training takes it again per stage.
+    with run_dir_lock(Path(output_dir)) if main_process else contextlib.nullcontext():
+        result = import_module(known[cfg.recipe.name]).run(cfg)
     if not result:  # a torchrun process other than the main one: the main one reports
         return 0
     print(f"\nrun dir: {cfg.training.output_dir}  ({time.time() - start:.0f} s)")

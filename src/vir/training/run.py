@@ -183,7 +183,10 @@ def _train(cfg: DictConfig, output_dir: Path, claim: Claim, visualizer_samples: 
             clear_other_run(output_dir)
         record_identity(output_dir, claim.identity)
         clear_finished(output_dir)
-    result = trainer.train(resume_from_checkpoint=resume)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    except Exception as err:  # what a callback writes at the end (data_stats.json, curves.png) on a full disk
+        trainer.raise_write_failure(err, "the run's records", output_dir)
     trainer.save_final(output_dir)
     # A run resumed from its last checkpoint trains no step (LlavaTrainer): its loss is the history's.
     trained_here = trainer.state.global_step > trainer.steps_at_start

@@ -287,7 +287,7 @@ class LlavaTrainer(Trainer):
         try:
             super()._save_checkpoint(model, trial)
         except Exception as err:  # out of disk, quota, a vanished mount: the previous checkpoint stays whole
-            self._raise_write_failure(err, name, run_dir, staged=run_dir / STAGING_DIR)
+            self.raise_write_failure(err, name, run_dir, staged=run_dir / STAGING_DIR)
         finally:
             self._staging = False
             self.args.save_total_limit = limit
@@ -299,7 +299,7 @@ class LlavaTrainer(Trainer):
                     ledger.save(run_dir / STAGING_DIR / name / LEDGER_FILE)
                 publish(run_dir / STAGING_DIR / name, run_dir / name)
             except Exception as err:
-                self._raise_write_failure(err, name, run_dir, staged=run_dir / STAGING_DIR)
+                self.raise_write_failure(err, name, run_dir, staged=run_dir / STAGING_DIR)
             best = self.state.best_model_checkpoint
             if best and Path(best).parent.name == STAGING_DIR:
                 self.state.best_model_checkpoint = str(run_dir / Path(best).name)
@@ -319,9 +319,9 @@ class LlavaTrainer(Trainer):
             if self.args.should_save:
                 for path in final_weight_files(output_dir):
                     path.unlink(missing_ok=True)
-            self._raise_write_failure(err, "the final weights", output_dir)
+            self.raise_write_failure(err, "the final weights", output_dir)
 
-    def _raise_write_failure(self, err: Exception, what: str, run_dir: Path, staged: Optional[Path] = None) -> None:
+    def raise_write_failure(self, err: Exception, what: str, run_dir: Path, staged: Optional[Path] = None) -> None:
         """Re-raise `err` as one line naming what could not be written and the intact previous checkpoint, when
         it is a failed write (`write_failure`); as it is otherwise. `staged` (a staging area) is removed."""
         reason = write_failure(err, run_dir)
