@@ -17,11 +17,14 @@ Runs that save neither full weights nor an adapter (stage1) are rebuilt from the
 from __future__ import annotations
 
 import logging
+import pickle
+import zipfile
 from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from safetensors import safe_open
 from transformers import AutoTokenizer, CLIPImageProcessorPil, PreTrainedTokenizerBase
 
 from vir.models.builder import DTYPES, build_model
@@ -84,6 +87,7 @@ def load_run(
     if not config_file.is_file():
         raise FileNotFoundError(f"{run} is not a vir run directory: {RUN_CONFIG_FILE} is missing")
     run_config = OmegaConf.load(config_file)
+    check_weight_files(run)
     tokenizer = AutoTokenizer.from_pretrained(str(run))
     image_processor = CLIPImageProcessorPil.from_pretrained(str(run))
     if quantize is not None and quantize not in QUANTIZATIONS:
@@ -114,6 +118,34 @@ def load_run(
         model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.eval()
     return model, tokenizer, image_processor, run_config
+
+
+def check_weight_files(run_dir: PathLike) -> None:
+    """Raise `UserError` naming the first weight file of `run_dir` that is cut short or corrupt: each
+    `*.safetensors` (its header read and its length checked against it, no tensor loaded) and each weight
+    `.bin` (`mm_projector.bin`, `pytorch_model*.bin`; a pickle `weights_only` refuses is left to the loader)."""
+    run = Path(run_dir)
+    for path in sorted(run.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except Exception as err:  # SafetensorError: "incomplete metadata", "header too small", ...
+            raise _damaged(path, err) from None
+    for path in sorted({run / PROJECTOR_FILE, *run.glob("pytorch_model*.bin")}):
+        if not path.is_file():
+            continue
+        try:
+            torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        except pickle.UnpicklingError:
+            continue
+        except Exception as err:  # a cut zip archive: OSError, RuntimeError ("failed finding central directory")
+            raise _damaged(path, err) from None
+
+
+def _damaged(path: Path, err: Exception) -> UserError:
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return UserError(f"{path} is truncated or corrupt ({reason}): re-export or re-copy it, or use an earlier "
+                     "checkpoint")
 
 
 def _compute_dtype(name: str) -> torch.dtype:
