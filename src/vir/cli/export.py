@@ -5,6 +5,9 @@ safetensors sharded past `--max-shard-size`, the processor with the training cha
     vir-export runs/my_run exports/my_run
     vir-export runs/my_run exports/my_run_adapter --no-merge     # base + projector, adapter/ beside it
     vir-export runs/my_run exports/my_run_llava --format llava   # LLaVA's own layout (llava_llama, mm_projector.bin)
+    vir-export runs/my_run exports/my_run --overwrite            # replace an earlier export of the same format
+
+OUT_DIR is written whole or not at all (staged beside it, then renamed into place).
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="vir-export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", help="a run directory or one of its checkpoint-N/ folders")
-    parser.add_argument("out_dir", help="the directory to write (created)")
+    parser.add_argument("out_dir", help="the directory to write: new, empty, or an earlier export with --overwrite")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace OUT_DIR when it holds an earlier vir-export of the same --format")
     parser.add_argument("--format", default="hf", choices=["hf", "llava"],
                         help="hf: transformers' LlavaForConditionalGeneration (vLLM, SGLang); llava: LLaVA's original "
                              "llava_llama layout with mm_projector.bin and the tower in vision_tower/")
@@ -37,10 +42,11 @@ def main(argv=None) -> None:
         parser.error("--format llava writes merged weights in the run's dtype (no --no-merge, no --dtype)")
     try:
         if args.format == "llava":
-            out = export_llava_original(args.run_dir, args.out_dir, max_shard_size=args.max_shard_size)
+            out = export_llava_original(args.run_dir, args.out_dir, max_shard_size=args.max_shard_size,
+                                        overwrite=args.overwrite)
         else:
             out = export_hf_llava(args.run_dir, args.out_dir, merge=not args.no_merge,
-                                  max_shard_size=args.max_shard_size, dtype=args.dtype)
+                                  max_shard_size=args.max_shard_size, dtype=args.dtype, overwrite=args.overwrite)
     except (UserError, FileNotFoundError) as err:
         print(f"vir-export: {err}", file=sys.stderr)
         sys.exit(2)

@@ -16,13 +16,14 @@ from vir.utils.errors import UserError
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="vir-merge", description=__doc__)
     parser.add_argument("run_dir", help="a run directory or one of its checkpoint-N/ folders")
-    parser.add_argument("out_dir", help="the directory to write (created)")
+    parser.add_argument("out_dir", help="the directory to write: new, empty, or an earlier vir-merge with --overwrite")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR when it holds an earlier vir-merge")
     parser.add_argument("--max-shard-size", default="5GB")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
-        out = merge_run(args.run_dir, args.out_dir, max_shard_size=args.max_shard_size)
+        out = merge_run(args.run_dir, args.out_dir, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
     except (UserError, FileNotFoundError) as err:
         print(f"vir-merge: {err}", file=sys.stderr)
         sys.exit(2)

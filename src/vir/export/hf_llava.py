@@ -30,6 +30,7 @@ from transformers.models.llava.image_processing_pil_llava import LlavaImageProce
 
 from vir.data.templates import EOT
 from vir.export.card import write_model_card
+from vir.export.destination import check_destination, staged_export
 from vir.export.chat_template import llama3_chat_template, plain_chat_template
 from vir.models.checkpoint import ADAPTER_CONFIG_FILE, PathLike, load_run
 from vir.models.configuration import LlavaLlamaConfig
@@ -108,14 +109,15 @@ def hf_processor(tokenizer, image_processor, config: LlavaLlamaConfig, run_confi
 
 
 def export_hf_llava(run_dir: PathLike, out_dir: PathLike, merge: bool = True,
-                    max_shard_size: str = DEFAULT_MAX_SHARD_SIZE, dtype: Optional[str] = None) -> Path:
+                    max_shard_size: str = DEFAULT_MAX_SHARD_SIZE, dtype: Optional[str] = None,
+                    overwrite: bool = False) -> Path:
     """Write `out_dir` loadable by `LlavaForConditionalGeneration` / `AutoProcessor.from_pretrained` (see
     module doc). `merge=False` writes the base with the run's projector and the peft adapter beside it in
     `adapter/` (keys renamed to the exported model's). `dtype` (`float32`, `bfloat16`, ...) casts the weights;
-    by default they keep the run's dtype. Returns `out_dir`."""
+    by default they keep the run's dtype. `out_dir` must be new, empty, or (with `overwrite`) an earlier export
+    of this kind; it is written whole or not at all (`vir.export.destination`). Returns `out_dir`."""
     run, out = Path(run_dir), Path(out_dir)
-    if out.resolve() == run.resolve():
-        raise ExportError(f"the export directory {out} is the run directory: choose another")
+    check_destination(run, out, "hf", overwrite)
     model, tokenizer, image_processor, run_config = load_run(run, merge_adapter=merge, device="cpu",
                                                              dequantize=True)
     has_adapter = hasattr(model, "peft_config")
@@ -134,18 +136,18 @@ def export_hf_llava(run_dir: PathLike, out_dir: PathLike, merge: bool = True,
         raise ExportError(f"the run's weights lack {sorted(missing)[:5]} for LlavaForConditionalGeneration")
     hf_model.load_state_dict(renamed, strict=True, assign=True)
     hf_model.generation_config = _generation_config(tokenizer)
-    out.mkdir(parents=True, exist_ok=True)
-    hf_model.save_pretrained(str(out), max_shard_size=max_shard_size)
     processor = hf_processor(tokenizer, image_processor, config, run_config)
-    processor.save_pretrained(str(out))
-    # transformers 5 keeps the image processor inside processor_config.json; servers on older transformers
-    # (vLLM, SGLang) read preprocessor_config.json: write both.
-    processor.image_processor.save_pretrained(str(out))
-    if has_adapter:
-        _write_adapter(model, out / "adapter")
-    quantization = run_config.model.llm.quantization
-    write_model_card(out, run, run_config, merged=merge and (run / ADAPTER_CONFIG_FILE).is_file(),
-                     dequantized=quantization != "none", aspect_ratio=run_config.data.image_aspect_ratio)
+    with staged_export(run, out, "hf") as staging:
+        hf_model.save_pretrained(str(staging), max_shard_size=max_shard_size)
+        processor.save_pretrained(str(staging))
+        # transformers 5 keeps the image processor inside processor_config.json; servers on older transformers
+        # (vLLM, SGLang) read preprocessor_config.json: write both.
+        processor.image_processor.save_pretrained(str(staging))
+        if has_adapter:
+            _write_adapter(model, staging / "adapter")
+        quantization = run_config.model.llm.quantization
+        write_model_card(staging, run, run_config, merged=merge and (run / ADAPTER_CONFIG_FILE).is_file(),
+                         dequantized=quantization != "none", aspect_ratio=run_config.data.image_aspect_ratio)
     logger.info("exported %s -> %s (LlavaForConditionalGeneration)", run, out)
     return out
 

@@ -12,10 +12,14 @@ import json
 import logging
 import shutil
 from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from omegaconf import DictConfig
 
 from vir.export.card import write_model_card
+from vir.export.destination import check_destination, staged_export
 from vir.models.checkpoint import ADAPTER_CONFIG_FILE, PathLike, load_run, write_run_artifacts
-from vir.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -25,41 +29,65 @@ LLAVA_FIELDS = {"mm_use_im_patch_token": False, "mm_patch_merge_type": "flat", "
                 "freeze_mm_mlp_adapter": False, "tokenizer_padding_side": "right", "use_mm_proj": True}
 
 
-def merge_run(run_dir: PathLike, out_dir: PathLike, max_shard_size: str = "5GB") -> Path:
-    """Write `out_dir`: the run as full weights in our format (see module doc). Returns `out_dir`."""
-    return _merge(run_dir, out_dir, max_shard_size)[0]
+class Merged(NamedTuple):
+    """A run loaded with LoRA folded in, and what its merged checkpoint records."""
+
+    run: Path
+    model: torch.nn.Module
+    tokenizer: Any
+    image_processor: Any
+    run_config: DictConfig
+    dequantized: bool
 
 
-def _merge(run_dir: PathLike, out_dir: PathLike, max_shard_size: str):
-    """`merge_run`, also returning the merged model and image processor it wrote."""
-    run, out = Path(run_dir), Path(out_dir)
-    if out.resolve() == run.resolve():
-        raise UserError(f"the output directory {out} is the run directory: choose another")
+def merge_run(run_dir: PathLike, out_dir: PathLike, max_shard_size: str = "5GB", overwrite: bool = False) -> Path:
+    """Write `out_dir`: the run as full weights in our format (see module doc). `out_dir` must be new, empty,
+    or (with `overwrite`) an earlier `vir-merge` output; it is written whole or not at all
+    (`vir.export.destination`). Returns `out_dir`."""
+    check_destination(run_dir, out_dir, "merge", overwrite)
+    merged = load_merged(run_dir)
+    with staged_export(run_dir, out_dir, "merge") as staging:
+        write_merged(merged, staging, max_shard_size)
+    return Path(out_dir)
+
+
+def load_merged(run_dir: PathLike) -> Merged:
+    """The run on the CPU with LoRA merged (a QLoRA base de-quantised first)."""
+    run = Path(run_dir)
     model, tokenizer, image_processor, run_config = load_run(run, merge_adapter=True, device="cpu", dequantize=True)
-    quantization = run_config.model.llm.quantization
+    dequantized = run_config.model.llm.quantization != "none"
     run_config.model.llm.quantization = "none"  # the merged weights are plain `model.llm.dtype` tensors
-    out.mkdir(parents=True, exist_ok=True)
+    return Merged(run, model, tokenizer, image_processor, run_config, dequantized)
+
+
+def write_merged(merged: Merged, out: Path, max_shard_size: str) -> None:
+    """Write `merged` into the directory `out` as a stand-alone checkpoint of our format."""
+    run, model, run_config = merged.run, merged.model, merged.run_config
     model.save_pretrained(str(out), max_shard_size=max_shard_size)
-    write_run_artifacts(out, model, image_processor=image_processor, tokenizer=tokenizer, run_config=run_config)
+    write_run_artifacts(out, model, image_processor=merged.image_processor, tokenizer=merged.tokenizer,
+                        run_config=run_config)
     for name in ("metrics.json", "data_stats.json"):
         if (run / name).is_file():
             shutil.copy2(run / name, out / name)
     write_model_card(out, run, run_config, merged=(run / ADAPTER_CONFIG_FILE).is_file(),
-                     dequantized=quantization != "none", aspect_ratio=run_config.data.image_aspect_ratio,
-                     layout="vir")
+                     dequantized=merged.dequantized, aspect_ratio=run_config.data.image_aspect_ratio, layout="vir")
     logger.info("merged %s -> %s", run, out)
-    return out, model, image_processor
 
 
-def export_llava_original(run_dir: PathLike, out_dir: PathLike, max_shard_size: str = "5GB") -> Path:
+def export_llava_original(run_dir: PathLike, out_dir: PathLike, max_shard_size: str = "5GB",
+                          overwrite: bool = False) -> Path:
     """LLaVA's own layout: the merged checkpoint (`model_type` llava_llama, `mm_*` fields, `mm_projector.bin`,
-    LLaVA's key names) with the CLIP tower copied into `vision_tower/`, which `mm_vision_tower` names."""
-    out, model, image_processor = _merge(run_dir, out_dir, max_shard_size)
-    tower = out / TOWER_DIR
-    model.get_model().vision_tower.vision_tower.save_pretrained(str(tower))
-    image_processor.save_pretrained(str(tower))
-    config_file = out / "config.json"
-    config = json.loads(config_file.read_text())
-    config.update(LLAVA_FIELDS, mm_vision_tower=str(tower.resolve()))
-    config_file.write_text(json.dumps(config, indent=2) + "\n")
-    return out
+    LLaVA's key names) with the CLIP tower copied into `vision_tower/`, which `mm_vision_tower` names (by its
+    final absolute path). `out_dir` is checked and written as `merge_run`'s is."""
+    check_destination(run_dir, out_dir, "llava", overwrite)
+    merged = load_merged(run_dir)
+    with staged_export(run_dir, out_dir, "llava") as staging:
+        write_merged(merged, staging, max_shard_size)
+        tower = staging / TOWER_DIR
+        merged.model.get_model().vision_tower.vision_tower.save_pretrained(str(tower))
+        merged.image_processor.save_pretrained(str(tower))
+        config_file = staging / "config.json"
+        config = json.loads(config_file.read_text())
+        config.update(LLAVA_FIELDS, mm_vision_tower=str(Path(out_dir).resolve() / TOWER_DIR))
+        config_file.write_text(json.dumps(config, indent=2) + "\n")
+    return Path(out_dir)
