@@ -83,9 +83,9 @@ def _check_values(cfg: Any) -> None:
     weight loads rather than as a traceback from deep inside a library."""
     t, model = cfg.training, cfg.model
     ranges = [  # (key, value, lowest, lowest allowed itself, optional)
-        ("training.learning_rate", t.learning_rate, 0.0, False, False),
-        ("training.mm_projector_lr", t.mm_projector_lr, 0.0, False, True),
-        ("training.vision_tower_lr", t.vision_tower_lr, 0.0, False, True),
+        ("training.learning_rate", t.learning_rate, 0.0, True, False),  # 0: a run that changes no weight
+        ("training.mm_projector_lr", t.mm_projector_lr, 0.0, True, True),
+        ("training.vision_tower_lr", t.vision_tower_lr, 0.0, True, True),
         ("training.num_train_epochs", t.num_train_epochs, 0.0, False, False),
         ("training.weight_decay", t.weight_decay, 0.0, True, False),
         ("training.warmup_ratio", t.warmup_ratio, 0.0, True, False),
