@@ -20,7 +20,7 @@ from transformers import (
 
 from vir.models import LlavaLlamaForCausalLM, build_all, build_model, build_tokenizer
 from vir.models.projector import projector_state_dict, save_projector
-from vir.utils.config import compose_config
+from vir.utils.config import ConfigError, compose_config
 
 
 def _prompt_ids(model, tokenizer, num_images=1):
@@ -127,9 +127,9 @@ def test_build_model_dtype_and_pretrained_projector(tmp_path, tokenizer_dir):
         ([], ValueError, r"set model.tokenizer_path \(or model.llm.path\)"),
         (["model.tokenizer_path=/no/such/dir"], FileNotFoundError, "model.tokenizer_path=/no/such/dir"),
         (["model.llm.path=/no/such/llm"], FileNotFoundError, "model.llm.path=/no/such/llm"),
-        (["+TOK", "model.llm.path=+EMPTY"], FileNotFoundError, "model.llm.path=.* has no config.json"),
+        (["+TOK", "model.llm.path=+EMPTY"], ConfigError, "model.llm.path=.* has no config.json"),
         (["+TOK", "model.vision_tower.path=/no/clip"], FileNotFoundError, "model.vision_tower.path=/no/clip"),
-        (["+TOK", "model.vision_tower.path=+EMPTY"], FileNotFoundError, "model.vision_tower.path=.* no config.json"),
+        (["+TOK", "model.vision_tower.path=+EMPTY"], ConfigError, "model.vision_tower.path=.* no config.json"),
         (["+TOK", "model.projector_type=mlp"], ValueError, "'mlp' .*model.projector_type"),
         (["+TOK", "model.vision_tower.select_feature=cls"], ValueError, "model.vision_tower.select_feature"),
         (["+TOK", "model.llm.dtype=fp8"], ValueError, "model.llm.dtype"),

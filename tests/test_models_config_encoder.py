@@ -11,6 +11,7 @@ from transformers import AutoConfig, CLIPConfig, CLIPVisionConfig, CLIPVisionMod
 
 from vir.models import LlavaLlamaConfig
 from vir.models.encoder import CLIPVisionTower
+from vir.utils.config import ConfigError
 
 
 def test_config_derives_shapes_from_the_vision_config():
@@ -103,5 +104,5 @@ def test_tower_loads_a_clip_or_clip_vision_directory(tmp_path, layout):
 def test_tower_loading_errors_name_the_key_and_path(tmp_path):
     with pytest.raises(FileNotFoundError, match=rf"model.vision_tower.path={tmp_path / 'nope'} is not a directory"):
         CLIPVisionTower.from_config(tiny_config()).load_pretrained_weights(tmp_path / "nope")
-    with pytest.raises(FileNotFoundError, match="has no config.json"):
+    with pytest.raises(ConfigError, match="has no config.json"):
         CLIPVisionTower.from_pretrained(tmp_path)

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import errno
 import subprocess
-import sys
 
 import pytest
-from training_fixtures import run_overrides, tiny_bases
+from training_fixtures import run_overrides, tiny_bases, vir_train
 from transformers import TrainerCallback
 
-from vir.cli import train as train_cli
 from vir.training import run as run_module
 from vir.training.checkpoints import COMPLETE_FILE, STAGING_DIR, final_weight_files
 from vir.training.trainer import LlavaTrainer
@@ -67,14 +65,6 @@ def _filling_trainer(disk, at_step, event="on_save"):
     return Trainer
 
 
-def _vir_train(monkeypatch, capsys, overrides):
-    monkeypatch.setattr(sys, "argv", ["vir-train", *overrides])
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        train_cli.main()
-    return exit_info.value.code, capsys.readouterr().err
-
-
 def _last_line(err):
     """stderr's last line, less a progress bar the failure cut short (it ends in a carriage return, no newline)."""
     last = err.strip().splitlines()[-1]
@@ -88,7 +78,7 @@ def test_out_of_disk_mid_run_is_one_line_and_the_run_resumes(mode, bases, small_
                               "training.resume_from_checkpoint=auto")
     with monkeypatch.context() as patch:
         patch.setattr(run_module, "LlavaTrainer", _filling_trainer(small_disk, at_step=1))
-        code, err = _vir_train(patch, capsys, overrides)
+        code, err = vir_train(patch, capsys, overrides)
     assert code == 2 and "Traceback" not in err, err[-3000:]
     assert _last_line(err) == (f"vir-train: cannot write checkpoint-2 into {run_dir} (No space left on device); checkpoint-1 "
                     "is intact: free space and re-run with training.resume_from_checkpoint=auto")
@@ -96,7 +86,7 @@ def test_out_of_disk_mid_run_is_one_line_and_the_run_resumes(mode, bases, small_
     assert not (run_dir / STAGING_DIR).exists()
 
     (small_disk / FILLER).unlink()
-    code, err = _vir_train(monkeypatch, capsys, overrides)
+    code, err = vir_train(monkeypatch, capsys, overrides)
     assert code == 0, err[-3000:]
     assert (run_dir / COMPLETE_FILE).is_file()
     assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
@@ -110,7 +100,7 @@ def test_out_of_disk_at_the_end_leaves_no_weights_and_resuming_finishes(event, w
                               "training.resume_from_checkpoint=auto")
     with monkeypatch.context() as patch:
         patch.setattr(run_module, "LlavaTrainer", _filling_trainer(small_disk, at_step=2, event=event))
-        code, err = _vir_train(patch, capsys, overrides)
+        code, err = vir_train(patch, capsys, overrides)
     assert code == 2 and "Traceback" not in err, err[-3000:]
     assert _last_line(err) == (
         f"vir-train: cannot write {what} into {run_dir} (No space left on device); checkpoint-2 is "
@@ -118,7 +108,7 @@ def test_out_of_disk_at_the_end_leaves_no_weights_and_resuming_finishes(event, w
     assert final_weight_files(run_dir) == [] and not (run_dir / COMPLETE_FILE).exists()
 
     (small_disk / FILLER).unlink()
-    code, err = _vir_train(monkeypatch, capsys, overrides)
+    code, err = vir_train(monkeypatch, capsys, overrides)
     assert code == 0, err[-3000:]
     assert (run_dir / "adapter_model.safetensors").is_file() and (run_dir / COMPLETE_FILE).is_file()
     assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]

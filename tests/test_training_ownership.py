@@ -14,10 +14,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from test_training_run_lock import _HOLDER
-from training_fixtures import run_config, run_overrides, tiny_bases, train
+from training_fixtures import run_config, run_overrides, tiny_bases, train, vir_train_fails
 from transformers import TrainerCallback
 
-from vir.cli import train as train_cli
 from vir.training import run as run_module
 from vir.training.checkpoints import COMPLETE_FILE, STATE_FILE
 from vir.training.ownership import (
@@ -170,17 +169,6 @@ def _digests(run_dir):
             for p in sorted(run_dir.rglob("*")) if p.is_file() and "runs" not in p.parts}
 
 
-def _vir_train_fails(monkeypatch, capsys, overrides):
-    monkeypatch.setattr(sys, "argv", ["vir-train", *overrides])
-    capsys.readouterr()  # what earlier steps of the test printed
-    with pytest.raises(SystemExit) as exit_info:
-        train_cli.main()
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2, err
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return err
-
-
 def _other_data(bases, tmp_path):
     """The train records less the last eight, under another name: another run's data."""
     records = json.loads(bases.data.train.read_text())[:-8]
@@ -194,7 +182,7 @@ def test_auto_into_a_finished_run_on_other_data_changes_nothing(bases, tmp_path,
     train(run_config(bases, run_dir, "stage2_lora", "training.max_steps=2", "training.save_steps=1"))
     before = _digests(run_dir)
     other = _other_data(bases, tmp_path)
-    err = _vir_train_fails(monkeypatch, capsys, run_overrides(
+    err = vir_train_fails(monkeypatch, capsys, run_overrides(
         bases, run_dir, "stage2_lora", "training.max_steps=2", "training.save_steps=1",
         f"data.train_path={other}", "training.resume_from_checkpoint=auto"))
     assert f"holds another run (data.train_path: {bases.data.train} -> {other})" in err
@@ -234,7 +222,7 @@ def test_a_shorter_run_never_resumes_another_runs_checkpoint(bases, tmp_path, mo
     steps = ("training.save_steps=1", "training.resume_from_checkpoint=auto")
     run_dir = tmp_path / "run"
     train(run_config(bases, run_dir, "stage2_lora", "training.max_steps=4", *steps))  # the run already there
-    err = _vir_train_fails(monkeypatch, capsys,
+    err = vir_train_fails(monkeypatch, capsys,
                            run_overrides(bases, run_dir, "stage2_lora", "training.max_steps=2", *steps))
     assert "holds another run (training.max_steps: 4 -> 2)" in err
 
@@ -287,7 +275,7 @@ def test_a_second_vir_train_on_a_directory_in_use_stops_at_once(bases, tmp_path,
     holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(run_dir)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        err = _vir_train_fails(monkeypatch, capsys, run_overrides(bases, run_dir, "stage2_lora"))
+        err = vir_train_fails(monkeypatch, capsys, run_overrides(bases, run_dir, "stage2_lora"))
         assert f"training.output_dir={run_dir} is in use by another training run (pid {holder.pid} on" in err
     finally:
         holder.kill()

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 
 import pytest
 import torch
-from training_fixtures import run_overrides, tiny_bases
+from training_fixtures import run_overrides, tiny_bases, vir_train_fails
 
-from vir.cli import train as train_cli
 from vir.training import run as run_module
 
 
@@ -26,13 +24,7 @@ def _fails(monkeypatch, capsys, overrides: list[str]) -> str:
         raise AssertionError("a model was built before the config was checked")
 
     monkeypatch.setattr(run_module, "build_model", no_model)
-    monkeypatch.setattr(sys, "argv", ["vir-train", *overrides])
-    with pytest.raises(SystemExit) as exit_info:
-        train_cli.main()
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2, err
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return err
+    return vir_train_fails(monkeypatch, capsys, overrides)
 
 
 def _wrong_projector(tmp_path):

@@ -8,6 +8,7 @@ session's `tmp_path_factory`, so two modules asking for the same thing share one
 from __future__ import annotations
 
 import functools
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -186,6 +187,26 @@ def train(cfg, visualizer_samples: Optional[list] = None) -> TrainedRun:
         patch.setattr(run_module, "LlavaTrainer", RecordingTrainer)
         outcome = run_training(cfg, visualizer_samples=visualizer_samples)
     return TrainedRun(cfg, outcome, captured[0], snapshots, initial)
+
+
+def vir_train(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, overrides: List[str]):
+    """Run `vir-train OVERRIDES` in-process as the console script does; returns (exit status, its stderr)."""
+    from vir.cli import train as train_cli
+
+    monkeypatch.setattr(sys, "argv", ["vir-train", *overrides])
+    capsys.readouterr()  # what the test printed before
+    with pytest.raises(SystemExit) as exit_info:
+        train_cli.main()
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def vir_train_fails(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, overrides: List[str]) -> str:
+    """`vir_train` that must stop with exit status 2 and one line, no traceback; returns that line."""
+    code, err = vir_train(monkeypatch, capsys, overrides)
+    err = err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
 
 
 def mixed_batch(bases: Bases, tokenizer, image_processor, num_image_tokens: int) -> dict:
