@@ -8,12 +8,11 @@ import errno
 import subprocess
 
 import pytest
-from training_fixtures import run_overrides, tiny_bases, vir_train
+from training_fixtures import run_overrides, tiny_bases, trainer_with, vir_train
 from transformers import TrainerCallback
 
 from vir.training import run as run_module
 from vir.training.checkpoints import COMPLETE_FILE, STAGING_DIR, final_weight_files
-from vir.training.trainer import LlavaTrainer
 
 FILLER = "filler"
 
@@ -56,13 +55,7 @@ def _filling_trainer(disk, at_step, event="on_save"):
                 _fill(disk)
 
     setattr(FillDisk, event, FillDisk.fill)
-
-    class Trainer(LlavaTrainer):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.add_callback(FillDisk())
-
-    return Trainer
+    return trainer_with(FillDisk())
 
 
 def _last_line(err):

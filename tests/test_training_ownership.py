@@ -14,7 +14,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from test_training_run_lock import _HOLDER
-from training_fixtures import run_config, run_overrides, tiny_bases, train, vir_train_fails
+from training_fixtures import run_config, run_overrides, tiny_bases, train, trainer_with, vir_train_fails
 from transformers import TrainerCallback
 
 from vir.training import run as run_module
@@ -28,7 +28,6 @@ from vir.training.ownership import (
     record_identity,
     run_identity,
 )
-from vir.training.trainer import LlavaTrainer
 from vir.utils.config import ConfigError, compose_config
 
 
@@ -199,12 +198,7 @@ def _kill_after_checkpoint(step):
             if state.global_step == step:
                 raise _Killed(f"killed after checkpoint-{step}")
 
-    class Trainer(LlavaTrainer):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.add_callback(KillAfter())
-
-    return Trainer
+    return trainer_with(KillAfter())
 
 
 def _trained(run_dir):

@@ -189,6 +189,18 @@ def train(cfg, visualizer_samples: Optional[list] = None) -> TrainedRun:
     return TrainedRun(cfg, outcome, captured[0], snapshots, initial)
 
 
+def trainer_with(callback: TrainerCallback) -> type:
+    """A LlavaTrainer class that also runs `callback` (after the run's own): patch it over
+    `vir.training.run.LlavaTrainer` to act at a chosen moment of a real run (a kill, a full disk)."""
+
+    class Trainer(LlavaTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.add_callback(callback)
+
+    return Trainer
+
+
 def vir_train(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, overrides: List[str]):
     """Run `vir-train OVERRIDES` in-process as the console script does; returns (exit status, its stderr)."""
     from vir.cli import train as train_cli
