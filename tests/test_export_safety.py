@@ -212,3 +212,25 @@ def test_a_truncated_weight_file_stops_every_tool_in_one_line_naming_it(name, ru
         line = _refusal(capsys, tool, damaged, *extra)
         assert f"{weights} is truncated or corrupt" in line and "earlier checkpoint" in line
     assert not (tmp_path / "hf").exists() and not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize("tool", ["vir-export", "vir-merge"])
+def test_an_output_that_cannot_be_created_is_refused_before_any_weight_loads(tool, run, tmp_path, capsys, monkeypatch):
+    def no_load(*args, **kwargs):
+        raise AssertionError("the run was loaded before the output directory was checked")
+
+    monkeypatch.setattr("vir.export.hf_llava.load_run", no_load)
+    monkeypatch.setattr("vir.export.merge.load_run", no_load)
+    (tmp_path / "README.md").write_text("a file")
+    line = _refusal(capsys, tool, run, tmp_path / "README.md" / "sub")
+    assert f"{tmp_path / 'README.md'} is a file, not a directory" in line
+
+
+def test_an_earlier_export_moved_aside_by_a_killed_swap_is_not_called_safe_to_delete(run, tmp_path, caplog):
+    out = tmp_path / "exported"
+    (tmp_path / ".exported.partial-1").mkdir()  # a killed export's staging: safe to delete
+    (tmp_path / ".exported.partial-2.replaced").mkdir()  # killed between publish's two renames: the only copy
+    assert _call("vir-export", run, out) == 0
+    assert "safe to delete: " + str(tmp_path / ".exported.partial-1") in caplog.text
+    assert f"its only copy: move it back to {out}" in caplog.text
+    assert ".partial-2.replaced" not in caplog.text.split("safe to delete")[1].split("\n")[0]

@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 from omegaconf import OmegaConf
+from safetensors.torch import save_file
 from test_training_run_lock import _HOLDER
 from training_fixtures import run_config, run_overrides, tiny_bases, train, trainer_with, vir_train_fails
 from transformers import TrainerCallback
@@ -74,7 +75,7 @@ def _checkpoint(run_dir, step, cfg):
     path = run_dir / f"checkpoint-{step}"
     path.mkdir(parents=True)
     (path / STATE_FILE).write_text("{}")
-    (path / "adapter_model.safetensors").write_text("weights")
+    save_file({"lora_A": torch.zeros(2, 2)}, str(path / "adapter_model.safetensors"))
     OmegaConf.save(cfg, path / "vir_config.yaml", resolve=True)
     return path
 
@@ -105,7 +106,7 @@ def test_auto_into_another_runs_directory_stops_naming_the_keys_and_the_choices(
 
 def test_a_run_from_before_identities_is_read_from_its_checkpoint(tmp_path):
     _checkpoint(tmp_path, 4, _cfg(tmp_path, "data.train_path=a.json"))  # no run_identity.json
-    with pytest.raises(ConfigError, match=r"holds another run \(data.train_path: a.json -> b.json\)"):
+    with pytest.raises(ConfigError, match=r"holds another run \(data.train_path: \S*/a.json -> \S*/b.json\)"):
         claim_decision(_cfg(tmp_path, "data.train_path=b.json", "training.resume_from_checkpoint=auto"), tmp_path, 1)
 
 
@@ -143,6 +144,48 @@ def test_a_recorded_run_that_left_nothing_is_taken_over(tmp_path):
     assert claim_decision(_cfg(tmp_path, "seed=2"), tmp_path, 1).resume is None
 
 
+def test_paths_are_compared_as_the_files_they_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    typed = _identity("data.train_path=data/train.json", "model.llm.path=bases/llm")
+    absolute = _identity(f"data.train_path={tmp_path}/data/train.json", f"model.llm.path={tmp_path}/bases/llm")
+    assert identity_changes(typed, absolute) == []
+
+
+def test_a_model_no_run_wrote_is_never_trained_into(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text('{"model_type": "llama"}')
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "vir_export.json").write_text('{"kind": "hf"}')
+    for directory in ("base", "export"):
+        with pytest.raises(ConfigError, match=f"{directory} holds a model that no vir run wrote"):
+            claim_decision(_cfg(tmp_path / directory, "training.overwrite_output_dir=true"), tmp_path / directory, 1)
+
+
+def test_overwrite_refuses_to_delete_the_new_runs_own_input(tmp_path):
+    old = _cfg(tmp_path, "training.max_steps=16")
+    checkpoint = _checkpoint(tmp_path, 16, old)
+    (tmp_path / "mm_projector.bin").write_text("the old run's projector")
+    for projector in (tmp_path / "mm_projector.bin", checkpoint / "mm_projector.bin"):
+        with pytest.raises(ConfigError, match=rf"would delete this run's own input \(model.pretrained_projector="
+                                              rf"{projector}\)"):
+            claim_decision(_cfg(tmp_path, "training.max_steps=30", "training.overwrite_output_dir=true",
+                                f"model.pretrained_projector={projector}"), tmp_path, 1)
+
+
+def test_a_run_directory_is_not_a_checkpoint_and_a_cut_checkpoint_is_named(tmp_path):
+    cfg = _cfg(tmp_path)
+    _checkpoint(tmp_path, 2, cfg)
+    newest = _checkpoint(tmp_path, 3, cfg)
+    with pytest.raises(ConfigError, match=rf"resume_from_checkpoint={tmp_path} is a run directory, not one of its "
+                                          rf"checkpoints: name one, e.g. its newest, {newest}"):
+        claim_decision(_cfg(tmp_path, f"training.resume_from_checkpoint={tmp_path}"), tmp_path, 1)
+    torch.save({"state": {}}, newest / "optimizer.pt")
+    (newest / "optimizer.pt").write_bytes((newest / "optimizer.pt").read_bytes()[:100])  # cut short
+    with pytest.raises(ConfigError, match=rf"cannot resume {newest}: {newest / 'optimizer.pt'} is truncated or "
+                                          "corrupt"):
+        claim_decision(_cfg(tmp_path, "training.resume_from_checkpoint=auto"), tmp_path, 1)
+
+
 def test_an_unreadable_identity_record_is_one_line(tmp_path):
     (tmp_path / IDENTITY_FILE).write_text('{"identity": {"seed"')
     with pytest.raises(ConfigError, match=f"{IDENTITY_FILE} is unreadable"):
@@ -152,9 +195,11 @@ def test_an_unreadable_identity_record_is_one_line(tmp_path):
 def test_clearing_another_run_keeps_what_is_not_a_runs(tmp_path):
     _checkpoint(tmp_path, 2, _cfg(tmp_path))
     for name in ("model.safetensors", "model-00001-of-00002.safetensors", "adapter_config.json", "mm_projector.bin",
-                 "vir_config.yaml", COMPLETE_FILE, IDENTITY_FILE, "tokenizer.json"):
+                 "vir_config.yaml", COMPLETE_FILE, IDENTITY_FILE, "curves.png", "tokenizer.json"):
         (tmp_path / name).write_text("x")
     (tmp_path / ".staging" / "checkpoint-3").mkdir(parents=True)
+    (tmp_path / "samples").mkdir()
+    (tmp_path / "samples" / "step-3.png").write_text("x")
     (tmp_path / "data").mkdir()
     clear_other_run(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "tokenizer.json"]
@@ -185,6 +230,10 @@ def test_auto_into_a_finished_run_on_other_data_changes_nothing(bases, tmp_path,
         bases, run_dir, "stage2_lora", "training.max_steps=2", "training.save_steps=1",
         f"data.train_path={other}", "training.resume_from_checkpoint=auto"))
     assert f"holds another run (data.train_path: {bases.data.train} -> {other})" in err
+    err = vir_train_fails(monkeypatch, capsys, run_overrides(  # a bad value is named as such, not as another run
+        bases, run_dir, "stage2_lora", "training.max_steps=2", "training.save_steps=1", "training.num_train_epochs=nan",
+        "training.resume_from_checkpoint=auto"))
+    assert "training.num_train_epochs=nan must be a finite number" in err
     assert _digests(run_dir) == before  # weights, configs and completion record: still the first run's
 
 

@@ -39,13 +39,30 @@ def _tower_dir(tmp_path):
     return _config_dir(tmp_path / "clip", {"model_type": "clip_vision_model", "hidden_size": 32})
 
 
+def _lora_run_dir(tmp_path):
+    """A vir LoRA run's files as far as the check reads them: a llava_llama config and an adapter, no weights."""
+    path = _config_dir(tmp_path / "lora_run", {"model_type": "llava_llama"})
+    (path / "model.safetensors").unlink()
+    (path / "adapter_config.json").write_text("{}")
+    (path / "adapter_model.safetensors").write_text("")
+    return path
+
+
 def _llm_dir(tmp_path):
     return _config_dir(tmp_path / "llama", {"model_type": "llama", "hidden_size": 32})
 
 
+def _empty_dir(tmp_path):
+    path = tmp_path / "empty"
+    path.mkdir(exist_ok=True)
+    return path
+
+
 def _config_dir(path, config):
+    """A model directory as far as the checks read it: its config.json, and a (here empty) weight file."""
     path.mkdir()
     (path / "config.json").write_text(json.dumps(config))
+    (path / "model.safetensors").write_text("")
     return path
 
 
@@ -72,6 +89,16 @@ CASES = {
                          r"data.template=nonexistent is not one of llama3, plain"),
     "unknown aspect ratio": (lambda t: ["data.image_aspect_ratio=stretch"],
                              r"data.image_aspect_ratio=stretch is not one of pad, crop"),
+    "unknown scheduler": (lambda t: ["training.lr_scheduler_type=bogus"],
+                          r"training.lr_scheduler_type=bogus is not one of linear, cosine"),
+    "warm-up longer than the run": (lambda t: ["training.warmup_ratio=2"], r"training.warmup_ratio=2.0 must be in "
+                                                                           r"\[0, 1\)"),
+    "LoRA run as the LLM": (lambda t: [f"model.llm.path={_lora_run_dir(t)}"],
+                            r"model.llm.path=.* holds no model weights .*it holds a LoRA adapter; fold it into its "
+                            r"base with `vir-merge RUN OUT`"),
+    "output dir inside the LLM directory": (lambda t: [f"model.llm.path={_llm_dir(t)}",
+                                                       f"training.output_dir={t / 'llama' / 'run'}"],
+                                            r"training.output_dir=.*llama/run lies in model.llm.path=.*llama: a run writes"),
     "save every 0 steps": (lambda t: ["training.save_steps=0"], r"training.save_steps=0 must be a finite number >= 1"),
     "LLM directory of a tower": (lambda t: [f"model.llm.path={_tower_dir(t)}"],
                                  r"model.llm.path=.* holds a 'clip_vision_model' model; model.llm.path takes "
@@ -79,9 +106,9 @@ CASES = {
     "tower directory of an LLM": (lambda t: [f"model.vision_tower.path={_llm_dir(t)}"],
                                   r"model.vision_tower.path=.* holds a 'llama' model; model.vision_tower.path takes "
                                   r"clip or clip_vision_model"),
-    "model directory without config.json": (lambda t: [f"model.vision_tower.path={t}"],
+    "model directory without config.json": (lambda t: [f"model.vision_tower.path={_empty_dir(t)}"],
                                             r"model.vision_tower.path=.* has no config.json"),
-    "tokenizer directory without a tokenizer": (lambda t: [f"model.tokenizer_path={t}"],
+    "tokenizer directory without a tokenizer": (lambda t: [f"model.tokenizer_path={_empty_dir(t)}"],
                                                 r"model.tokenizer_path=.* holds no tokenizer"),
     "quantised full fine-tuning": (lambda t: ["training=stage2_full", "model.llm.quantization=nf4"],
                                    r"model.llm.quantization=nf4 .*stage2_lora \(QLoRA\), not stage2_full"),

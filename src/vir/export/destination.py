@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from vir.models.checkpoint import RUN_CONFIG_FILE, PathLike
-from vir.training.checkpoints import COMPLETE_FILE, STATE_FILE, publish
+from vir.training.checkpoints import COMPLETE_FILE, REPLACED_SUFFIX, STATE_FILE, publish
+from vir.training.preflight import check_output_dir
 from vir.utils.errors import UserError, write_failure
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,10 @@ def check_destination(run_dir: PathLike, out_dir: PathLike, kind: str, overwrite
                                "whole: choose a directory outside the run")
     if out.exists() and not out.is_dir():
         raise DestinationError(f"the output directory {out} is a file: choose another path")
+    try:  # where it cannot be created at all (under a file, in /proc), say so now, before any weight loads
+        check_output_dir(str(out), key="OUT_DIR")
+    except UserError as err:
+        raise DestinationError(str(err)) from None
     if not out.is_dir() or not any(out.iterdir()):
         return
     earlier = _read_marker(out)
@@ -119,9 +124,15 @@ def _write_marker(staging: Path, run_dir: PathLike, kind: str) -> None:
 
 
 def _warn_leftovers(out: Path, staging: Path) -> None:
-    """Name the staging directories that killed exports into `out` left behind (they hold no usable export)."""
+    """Name what killed exports into `out` left behind: staging directories (no usable export: safe to delete)
+    and an earlier export a kill during the swap left moved aside (`publish`'s `.replaced`: the only copy)."""
     if not out.parent.is_dir():
         return
-    leftovers = [str(p) for p in out.parent.glob(f".{out.name}.partial-*") if p != staging]
+    found = [p for p in out.parent.glob(f".{out.name}.partial-*") if p != staging]
+    moved_aside = [str(p) for p in found if p.name.endswith(REPLACED_SUFFIX)]
+    leftovers = [str(p) for p in found if not p.name.endswith(REPLACED_SUFFIX)]
     if leftovers:
         logger.warning("left by an interrupted export into %s, safe to delete: %s", out, ", ".join(leftovers))
+    if moved_aside:
+        logger.warning("an earlier export of %s, moved aside by an interrupted swap (its only copy: move it back to %s "
+                       "if %s is absent): %s", out, out, out, ", ".join(moved_aside))

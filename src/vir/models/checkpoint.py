@@ -120,10 +120,11 @@ def load_run(
     return model, tokenizer, image_processor, run_config
 
 
-def check_weight_files(run_dir: PathLike) -> None:
+def check_weight_files(run_dir: PathLike, also: Tuple[str, ...] = ()) -> None:
     """Raise `UserError` naming the first weight file of `run_dir` that is cut short or corrupt: each
     `*.safetensors` (its header read and its length checked against it, no tensor loaded) and each weight
-    `.bin` (`mm_projector.bin`, `pytorch_model*.bin`; a pickle `weights_only` refuses is left to the loader)."""
+    `.bin` (`mm_projector.bin`, `pytorch_model*.bin`, and the torch files named in `also`, e.g. a checkpoint's
+    `optimizer.pt`; a pickle `weights_only` refuses is left to the loader)."""
     run = Path(run_dir)
     for path in sorted(run.glob("*.safetensors")):
         try:
@@ -131,7 +132,7 @@ def check_weight_files(run_dir: PathLike) -> None:
                 pass
         except Exception as err:  # SafetensorError: "incomplete metadata", "header too small", ...
             raise _damaged(path, err) from None
-    for path in sorted({run / PROJECTOR_FILE, *run.glob("pytorch_model*.bin")}):
+    for path in sorted({run / PROJECTOR_FILE, *run.glob("pytorch_model*.bin"), *(run / name for name in also)}):
         if not path.is_file():
             continue
         try:

@@ -48,3 +48,18 @@ def check_model_type(path: Any, key: str, supported: Optional[Tuple[str, ...]] =
     if model_type not in supported:
         raise ConfigError(f"{key}={path} holds a {model_type!r} model; {key} takes {' or '.join(supported)}")
     return model_type
+
+
+# Full weights as transformers saves them (one file, or shards with an index); an adapter alone is not a model.
+WEIGHT_PATTERNS = ("model*.safetensors", "pytorch_model*.bin")
+
+
+def check_model_dir(path: Any, key: str) -> str:
+    """`check_model_type`, and the directory holds full weights (`WEIGHT_PATTERNS`); returns the model_type."""
+    model_type = check_model_type(path, key)
+    directory = Path(str(path))
+    if not any(next(directory.glob(pattern), None) for pattern in WEIGHT_PATTERNS):
+        hint = (": it holds a LoRA adapter; fold it into its base with `vir-merge RUN OUT` and point the key at OUT"
+                if (directory / "adapter_config.json").is_file() else "")
+        raise ConfigError(f"{key}={path} holds no model weights ({' or '.join(WEIGHT_PATTERNS)}){hint}")
+    return model_type

@@ -18,13 +18,17 @@ import shutil
 from pathlib import Path
 from typing import List, Optional
 
+from vir.models.checkpoint import check_weight_files
 from vir.utils.config import ConfigError
+from vir.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 STAGING_DIR = ".staging"
 COMPLETE_FILE = "training_complete.json"
 STATE_FILE = "trainer_state.json"  # the Trainer writes it last into a checkpoint
+REPLACED_SUFFIX = ".replaced"  # `publish`: what it replaces, moved aside until the new one is in place
+RESUME_FILES = ("optimizer.pt", "scheduler.pt")  # besides the weights, what the Trainer loads to resume
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -80,21 +84,35 @@ def resume_target(resume: Optional[str], output_dir: Path) -> Optional[str]:
             logger.info("resume_from_checkpoint=auto: no checkpoint in %s, starting fresh", output_dir)
             return None
         logger.info("resume_from_checkpoint=auto: resuming from %s", found)
+        _check_files(found)
         return str(found)
     path = Path(resume)
     if not path.is_dir():
         raise ConfigError(f"training.resume_from_checkpoint={resume}: no such directory (a checkpoint-N directory "
                           "of an earlier run, or `auto` for the newest one in training.output_dir)")
+    if checkpoint_dirs(path) or (path / COMPLETE_FILE).is_file():
+        newest = newest_complete_checkpoint(path)
+        raise ConfigError(f"training.resume_from_checkpoint={resume} is a run directory, not one of its checkpoints: "
+                          + (f"name one, e.g. its newest, {newest}" if newest else "it holds no complete checkpoint"))
     if not is_complete(path):
         raise ConfigError(f"training.resume_from_checkpoint={resume} has no {STATE_FILE}: not a complete "
                           "checkpoint (it was cut off while saving, or is a final run directory)")
+    _check_files(path)
     return str(path)
+
+
+def _check_files(checkpoint: Path) -> None:
+    """Every weight and optimizer file of `checkpoint` reads (none cut short): else one line naming it."""
+    try:
+        check_weight_files(checkpoint, also=RESUME_FILES)
+    except UserError as err:
+        raise ConfigError(f"cannot resume {checkpoint}: {err}") from None
 
 
 def publish(staged: Path, final: Path) -> None:
     """Move a fully written checkpoint from staging into place (replacing one of the same step, if any)."""
     if final.exists():
-        old = staged.with_name(staged.name + ".replaced")
+        old = staged.with_name(staged.name + REPLACED_SUFFIX)
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
         os.replace(staged, final)

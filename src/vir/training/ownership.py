@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -61,13 +62,22 @@ OPERATIONAL_KEYS = (
 # every final save rewrites: removed with the weights when `training.overwrite_output_dir` replaces another run,
 # so none of it can load or count as this run's.
 _RECORD_FILES = ("config.json", RUN_CONFIG_FILE, "trainer_state.json", "training_args.bin", "data_stats.json",
-                 "metrics.json", COMPLETE_FILE, IDENTITY_FILE)
+                 "metrics.json", "curves.png", COMPLETE_FILE, IDENTITY_FILE)
+_RECORD_DIRS = (STAGING_DIR, "samples")  # the staging area; the sample visualiser's grids
+# Keys naming files or directories: compared as absolute paths (`data/x.json` typed in /work is /work/data/x.json).
+PATH_KEYS = ("model.llm.path", "model.vision_tower.path", "model.tokenizer_path", "model.pretrained_projector",
+             "model.init_from_hf", "data.train_path", "data.image_folder")
+# A directory holding these but no run record holds a model no vir run wrote (a base, an export): never a run's.
+_FOREIGN_MARKERS = ("config.json", "vir_export.json")
 
 
 def run_identity(cfg: DictConfig | dict, num_processes: int) -> Dict[str, object]:
     """The flat `{dotted key: value}` identity of a run config (see module doc; pure)."""
     tree = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     flat = {key: value for key, value in _flat(tree).items() if not _operational(key)}
+    for key in PATH_KEYS:
+        if isinstance(flat.get(key), str):
+            flat[key] = os.path.abspath(flat[key])
     training = OmegaConf.create(tree.get("training", {}))
     try:
         micro, accumulation = batch_layout(training, num_processes)
@@ -118,11 +128,33 @@ def record_identity(output_dir: Path, identity: Dict[str, object]) -> None:
 def clear_other_run(output_dir: Path) -> None:
     """Remove another run's checkpoints, staging area, weights, records and completion marker from `output_dir`
     (`training.overwrite_output_dir`); what is not a run's (a data folder, the demo's bases) stays."""
-    for checkpoint in checkpoint_dirs(output_dir):
-        shutil.rmtree(checkpoint)
-    shutil.rmtree(output_dir / STAGING_DIR, ignore_errors=True)
-    for path in [*final_weight_files(output_dir), *(output_dir / name for name in _RECORD_FILES)]:
+    for directory in _replaced_dirs(output_dir):
+        shutil.rmtree(directory, ignore_errors=True)
+    for path in _replaced_files(output_dir):
         path.unlink(missing_ok=True)
+
+
+def _replaced_dirs(output_dir: Path) -> List[Path]:
+    return [*checkpoint_dirs(output_dir), *(output_dir / name for name in _RECORD_DIRS)]
+
+
+def _replaced_files(output_dir: Path) -> List[Path]:
+    return [*final_weight_files(output_dir), *(output_dir / name for name in _RECORD_FILES)]
+
+
+def _inputs_in_replaced_run(cfg: DictConfig, output_dir: Path) -> List[str]:
+    """`key=value` of each input of `cfg` (a model, the projector, the data) that replacing the run in
+    `output_dir` would delete."""
+    doomed_dirs = [d.resolve() for d in _replaced_dirs(output_dir)]
+    doomed_files = {f.resolve() for f in _replaced_files(output_dir)}
+    found = []
+    for key in PATH_KEYS:
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, str) and value not in ("", "???"):
+            path = Path(value).resolve()
+            if path in doomed_files or any(path == d or d in path.parents for d in doomed_dirs):
+                found.append(f"{key}={value}")
+    return found
 
 
 @dataclass(frozen=True)
@@ -146,8 +178,15 @@ def claim_decision(cfg: DictConfig, output_dir: Path, num_processes: int) -> Cla
     recorded = recorded_identity(output_dir, num_processes)
     changes = identity_changes(recorded, identity) if recorded is not None else []
     explicit = t.resume_from_checkpoint not in (None, "auto")
+    if recorded is None:
+        _refuse_foreign_model(output_dir)
     if changes and holds_work(output_dir):
         if t.overwrite_output_dir:
+            inputs = _inputs_in_replaced_run(cfg, output_dir)
+            if inputs:
+                raise ConfigError(f"training.overwrite_output_dir=true would delete this run's own input "
+                                  f"({', '.join(inputs)}) with the run in {output_dir}: copy it out of there first, or "
+                                  "choose a new training.output_dir")
             logger.warning("training.overwrite_output_dir=true: replacing the run in %s (%s)", output_dir,
                            "; ".join(changes))
             return Claim(identity, replace=True)
@@ -168,6 +207,16 @@ def claim_decision(cfg: DictConfig, output_dir: Path, num_processes: int) -> Cla
         logger.warning("resuming %s, which was trained as another run (training.resume_from_checkpoint names it, "
                        "so it continues anyway): %s", resume, "; ".join(changes))
     return Claim(identity, resume=resume)
+
+
+def _refuse_foreign_model(output_dir: Path) -> None:
+    """A directory with a model in it that no vir run recorded (a base model, an export) is never trained into:
+    the run would overwrite its config, tokenizer and weights."""
+    found = [name for name in _FOREIGN_MARKERS if (output_dir / name).is_file()]
+    found += [p.name for p in final_weight_files(output_dir)]
+    if found:
+        raise ConfigError(f"training.output_dir={output_dir} holds a model that no vir run wrote ({', '.join(found)}: "
+                          "a base model or an export); a run would overwrite its files: choose a directory of its own")
 
 
 def _finished_record(output_dir: Path) -> Optional[dict]:

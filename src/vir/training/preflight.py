@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import SchedulerType
 
 from vir.data.images import IMAGE_ASPECT_RATIOS
 from vir.data.templates import TEMPLATES
 from vir.models.builder import TOKENIZER_FILES
-from vir.models.model_types import MODEL_DIR_TYPES, check_model_type
+from vir.models.model_types import MODEL_DIR_TYPES, check_model_dir
 from vir.models.projector import KEY_PREFIX, build_projector, load_projector_file, split_projector_keys
 from vir.models.quantization import QUANTIZATIONS
 from vir.training.batching import batch_layout
@@ -31,7 +32,7 @@ def check_run(cfg: Any) -> None:
     """Everything about the run that a config alone can get wrong (see module doc), but the output directory:
     `check_output_dir` comes first, before anything (an import) writes there."""
     _check_paths(cfg)
-    _check_values(cfg)
+    check_values(cfg)
     _check_options(cfg)
     _check_precision(cfg)
     batch_layout(cfg.training, run_state().num_processes)
@@ -44,7 +45,7 @@ def check_output_dir(value: str, key: str = "training.output_dir", probe: bool =
     the directories it creates and removes)."""
     path = Path(value).absolute()
     if _is_system_dir(path):
-        raise ConfigError(f"{key}={value} is a system directory: a run fills its output directory with checkpoints "
+        raise ConfigError(f"{key}={value} is a system directory: vir fills its output directory with checkpoints or weights "
                           f"and may replace files there; choose a directory of its own (e.g. runs/my_run)")
     ancestor = next(a for a in (path, *path.parents) if a.exists())
     if not ancestor.is_dir():
@@ -78,9 +79,9 @@ def _is_system_dir(path: Path) -> bool:
             or any(path.is_relative_to(tree) for tree in _SYSTEM_TREES))
 
 
-def _check_values(cfg: Any) -> None:
+def check_values(cfg: Any) -> None:
     """Numbers in their range (a NaN learning rate, LoRA of rank 0) and names among the choices, before any
-    weight loads rather than as a traceback from deep inside a library."""
+    weight loads rather than as a traceback from deep inside a library. Reads nothing but the config."""
     t, model = cfg.training, cfg.model
     ranges = [  # (key, value, lowest, lowest allowed itself, optional)
         ("training.learning_rate", t.learning_rate, 0.0, True, False),  # 0: a run that changes no weight
@@ -88,7 +89,6 @@ def _check_values(cfg: Any) -> None:
         ("training.vision_tower_lr", t.vision_tower_lr, 0.0, True, True),
         ("training.num_train_epochs", t.num_train_epochs, 0.0, False, False),
         ("training.weight_decay", t.weight_decay, 0.0, True, False),
-        ("training.warmup_ratio", t.warmup_ratio, 0.0, True, False),
         ("training.lora_alpha", t.lora_alpha, 0.0, False, False),
         ("training.lora_r", t.lora_r, 1, True, False),
         ("training.logging_steps", t.logging_steps, 1, True, False),
@@ -109,12 +109,14 @@ def _check_values(cfg: Any) -> None:
         if not math.isfinite(value) or value < lowest or (value == lowest and not inclusive):
             bound = f">= {lowest}" if inclusive else f"> {lowest}"
             raise ConfigError(f"{key}={value} must be a finite number {bound}" + (" (or null)" if optional else ""))
-    if not (0.0 <= t.lora_dropout < 1.0):  # NaN fails both comparisons
-        raise ConfigError(f"training.lora_dropout={t.lora_dropout} must be in [0, 1)")
+    for key, value in (("training.lora_dropout", t.lora_dropout), ("training.warmup_ratio", t.warmup_ratio)):
+        if not (0.0 <= value < 1.0):  # NaN fails both comparisons
+            raise ConfigError(f"{key}={value} must be in [0, 1)")
     if t.max_steps != -1 and t.max_steps < 1:
         raise ConfigError(f"training.max_steps={t.max_steps} must be >= 1, or -1 (train training.num_train_epochs)")
     choices = [("data.template", cfg.data.template, tuple(TEMPLATES)),
-               ("data.image_aspect_ratio", cfg.data.image_aspect_ratio, IMAGE_ASPECT_RATIOS)]
+               ("data.image_aspect_ratio", cfg.data.image_aspect_ratio, IMAGE_ASPECT_RATIOS),
+               ("training.lr_scheduler_type", t.lr_scheduler_type, tuple(s.value for s in SchedulerType))]
     for key, value, allowed in choices:
         if value not in allowed:
             raise ConfigError(f"{key}={value} is not one of {', '.join(allowed)}")
@@ -130,7 +132,10 @@ def _check_paths(cfg: Any) -> None:
         if value is not None and not Path(value).is_dir():
             raise ConfigError(f"{key}={value} is not a directory; point it at a local Hugging Face directory")
         if value is not None and key in MODEL_DIR_TYPES:
-            check_model_type(value, key)
+            check_model_dir(value, key)
+        if value is not None and _inside(cfg.training.output_dir, value):
+            raise ConfigError(f"training.output_dir={cfg.training.output_dir} lies in {key}={value}: a run writes its "
+                              "config, tokenizer and weights there; choose a directory of its own")
     tokenizer_dir = cfg.model.tokenizer_path or cfg.model.llm.path
     if tokenizer_dir is not None and not any((Path(tokenizer_dir) / name).is_file() for name in TOKENIZER_FILES):
         key = "model.tokenizer_path" if cfg.model.tokenizer_path else "model.llm.path"
@@ -140,6 +145,12 @@ def _check_paths(cfg: Any) -> None:
     if projector is not None and not Path(projector).exists():
         raise ConfigError(f"model.pretrained_projector={projector}: no such file (a LLaVA mm_projector.bin, or the "
                           "stage-1 run directory holding one)")
+
+
+def _inside(path: Any, directory: Any) -> bool:
+    """Whether `path` is `directory` or lies inside it (symlinks resolved)."""
+    path, directory = Path(str(path)).resolve(), Path(str(directory)).resolve()
+    return path == directory or directory in path.parents
 
 
 def _check_options(cfg: Any) -> None:

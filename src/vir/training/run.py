@@ -28,7 +28,7 @@ from vir.training.deepspeed_config import deepspeed_arguments
 from vir.training.distributed import main_process_first, run_state
 from vir.training.modes import apply_training_mode
 from vir.training.ownership import Claim, claim_decision, clear_other_run, record_identity
-from vir.training.preflight import check_output_dir, check_projector_fits, check_run
+from vir.training.preflight import check_output_dir, check_projector_fits, check_run, check_values
 from vir.training.run_lock import run_dir_lock
 from vir.training.trainer import LlavaTrainer
 
@@ -115,6 +115,7 @@ def run_training(cfg: DictConfig, visualizer_samples: Optional[list] = None) -> 
     state = run_state()
     check_output_dir(cfg.training.output_dir, probe=state.is_main_process)
     output_dir = Path(cfg.training.output_dir)
+    check_values(cfg)  # a NaN or an unknown name is reported as itself, not as "another run"
     with run_dir_lock(output_dir) if state.is_main_process else contextlib.nullcontext():
         claim = claim_decision(cfg, output_dir, state.num_processes)  # reading only, before anything is written
         state.wait_for_everyone()  # every process decided before the main one writes
@@ -186,7 +187,7 @@ def _train(cfg: DictConfig, output_dir: Path, claim: Claim, visualizer_samples: 
     try:
         result = trainer.train(resume_from_checkpoint=resume)
     except Exception as err:  # what a callback writes at the end (data_stats.json, curves.png) on a full disk
-        trainer.raise_write_failure(err, "the run's records", output_dir)
+        trainer.raise_write_failure(err, "the run's records", output_dir, storage_only=True)
     trainer.save_final(output_dir)
     # A run resumed from its last checkpoint trains no step (LlavaTrainer): its loss is the history's.
     trained_here = trainer.state.global_step > trainer.steps_at_start

@@ -84,7 +84,8 @@ def _acquire(path: Path, key: str) -> int:
                 raise
             if previous and _alive_elsewhere(previous):
                 os.close(fd)
-                raise RunDirBusyError(_busy_message(path, key, previous)) from None
+                raise RunDirBusyError(_busy_message(path, key, previous) + " (this file system has no locks: if that "
+                                      f"process no longer runs, delete {path})") from None
         if not _same_file(fd, path):
             os.close(fd)
             continue
@@ -101,7 +102,7 @@ def _busy_message(path: Path, key: str, holder: Optional[dict]) -> str:
     who = (f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}: "
            f"{holder.get('command', '')}".rstrip(": ") if holder else "another process")
     return (f"{key}={path.parent} is in use by another training run ({who}); wait for it to end, or choose "
-            f"another {key} (if no such process runs any more, delete {path})")
+            f"another {key}")
 
 
 def _read_holder(fd: int) -> Optional[dict]:

@@ -321,10 +321,12 @@ class LlavaTrainer(Trainer):
                     path.unlink(missing_ok=True)
             self.raise_write_failure(err, "the final weights", output_dir)
 
-    def raise_write_failure(self, err: Exception, what: str, run_dir: Path, staged: Optional[Path] = None) -> None:
+    def raise_write_failure(self, err: Exception, what: str, run_dir: Path, staged: Optional[Path] = None,
+                            storage_only: bool = False) -> None:
         """Re-raise `err` as one line naming what could not be written and the intact previous checkpoint, when
-        it is a failed write (`write_failure`); as it is otherwise. `staged` (a staging area) is removed."""
-        reason = write_failure(err, run_dir)
+        it is a failed write (`write_failure`, `storage_only` as there); as it is otherwise. `staged` (a staging
+        area) is removed."""
+        reason = write_failure(err, run_dir, storage_only=storage_only)
         if staged is not None and self.args.should_save:
             shutil.rmtree(staged, ignore_errors=True)
         if reason is None:

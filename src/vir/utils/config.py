@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import functools
 import logging
 import sys
@@ -16,10 +15,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from vir.utils.config_schema import register_configs, schema
-from vir.utils.errors import UserError
+from vir.utils.errors import STORAGE_ERRNOS, UserError
 
 CONFIG_MODULE = "vir.conf"
-_STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 CONFIG_NAME = "config"
 
 
@@ -98,7 +96,7 @@ def cli_entry(run: Callable[[DictConfig], int]) -> Callable[[], None]:
             print(f"{Path(sys.argv[0]).name}: {err}", file=sys.stderr)
             sys.exit(2)
         except OSError as err:  # out of disk, over quota, a read-only mount: the path and the reason
-            if err.errno not in _STORAGE_ERRNOS:
+            if err.errno not in STORAGE_ERRNOS:
                 raise
             print(f"{Path(sys.argv[0]).name}: cannot write {err.filename or 'a file'}: {err.strerror}; free space "
                   "(or make it writable) and re-run", file=sys.stderr)

@@ -4,10 +4,13 @@ of a failed write (out of disk, quota, a vanished mount) whatever library did th
 
 from __future__ import annotations
 
+import errno
 import shutil
 from pathlib import Path
 from typing import Optional, Union
 
+# An OSError with one of these says the storage refused a write, whatever was being done.
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 # What torch's zip writer (`torch.save`) raises when the OS refuses a write: the OS error itself is lost.
 _TORCH_WRITE_FAILURES = ("inline_container", "PytorchStreamWriter", "file write failed")
 _SAFETENSORS_IO = "I/O error: "
@@ -18,14 +21,19 @@ class UserError(ValueError):
     to do."""
 
 
-def write_failure(err: BaseException, where: Union[str, Path, None] = None) -> Optional[str]:
+def write_failure(err: BaseException, where: Union[str, Path, None] = None, storage_only: bool = False
+                  ) -> Optional[str]:
     """Why a save failed, in words, when `err` is a failed write; None for any other error (a bug: re-raise it).
 
     `OSError` (Python's own writes, shutil), safetensors' `SafetensorError` ("I/O error: No space left on
     device") and torch's `RuntimeError` from its zip writer ("[enforce fail at inline_container.cc] unexpected
-    pos"), whose text does not say why: then the free space at `where` tells a full disk apart.
+    pos"), whose text does not say why: then the free space at `where` tells a full disk apart. With
+    `storage_only` (code that also reads: an OSError there may be a corrupt input), only an `OSError` saying
+    the storage is full, over quota or read-only counts.
     """
     if isinstance(err, OSError):
+        if storage_only and err.errno not in STORAGE_ERRNOS:
+            return None
         return err.strerror or str(err)
     text = str(err)
     if type(err).__name__ == "SafetensorError" and _SAFETENSORS_IO in text:
