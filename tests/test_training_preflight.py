@@ -98,7 +98,8 @@ CASES = {
                             r"base with `vir-merge RUN OUT`"),
     "output dir inside the LLM directory": (lambda t: [f"model.llm.path={_llm_dir(t)}",
                                                        f"training.output_dir={t / 'llama' / 'run'}"],
-                                            r"training.output_dir=.*llama/run lies in model.llm.path=.*llama: a run writes"),
+                                            r"training.output_dir=.*llama/run lies in model.llm.path=.*llama: "
+                                            r"a run writes"),
     "save every 0 steps": (lambda t: ["training.save_steps=0"], r"training.save_steps=0 must be a finite number >= 1"),
     "LLM directory of a tower": (lambda t: [f"model.llm.path={_tower_dir(t)}"],
                                  r"model.llm.path=.* holds a 'clip_vision_model' model; model.llm.path takes "

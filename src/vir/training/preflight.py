@@ -45,8 +45,8 @@ def check_output_dir(value: str, key: str = "training.output_dir", probe: bool =
     the directories it creates and removes)."""
     path = Path(value).absolute()
     if _is_system_dir(path):
-        raise ConfigError(f"{key}={value} is a system directory: vir fills its output directory with checkpoints or weights "
-                          f"and may replace files there; choose a directory of its own (e.g. runs/my_run)")
+        raise ConfigError(f"{key}={value} is a system directory: vir fills its output directory with checkpoints or "
+                          "weights and may replace files there; choose a directory of its own (e.g. runs/my_run)")
     ancestor = next(a for a in (path, *path.parents) if a.exists())
     if not ancestor.is_dir():
         raise ConfigError(f"{key}={value}: {ancestor} is a file, not a directory; choose another {key}")
