@@ -74,7 +74,8 @@ def test_out_of_disk_mid_run_is_one_line_and_the_run_resumes(mode, bases, small_
         code, err = vir_train(patch, capsys, overrides)
     assert code == 2 and "Traceback" not in err, err[-3000:]
     assert _last_line(err) == (f"vir-train: cannot write checkpoint-2 into {run_dir} (No space left on device); "
-                               "checkpoint-1 is intact: free space and re-run with training.resume_from_checkpoint=auto")
+                               "checkpoint-1 is intact: free space and re-run with "
+                               "training.resume_from_checkpoint=auto")
     assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-1"]
     assert not (run_dir / STAGING_DIR).exists()
 
