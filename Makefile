@@ -6,7 +6,8 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 TORCH_VERSION := 2.13.0
-# `make train` runs the recipe data-parallel: TRAIN_PROCS processes (torchrun, gloo on CPU), the cores split
+# `make train` runs the recipe data-parallel: TRAIN_PROCS processes (torchrun through vir.cli.launch, which ends on
+# a failed worker's one-line error instead of torchrun's traceback; gloo on CPU), the cores split
 # between them. On the 2-core machine two 1-thread processes train ~1.2-1.3x faster than one 2-thread one.
 TRAIN_PROCS ?= 2
 TRAIN_ARGS ?=  # Hydra overrides, e.g. make train TRAIN_ARGS="training.max_steps=4000"
@@ -26,7 +27,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 train: $(STAMP)
-	OMP_NUM_THREADS=$(TRAIN_THREADS) $(VENV)/bin/torchrun --standalone --nproc_per_node=$(TRAIN_PROCS) \
+	OMP_NUM_THREADS=$(TRAIN_THREADS) $(PY) -m vir.cli.launch --standalone --nproc_per_node=$(TRAIN_PROCS) \
 		-m vir.cli.train experiment=$(EXPERIMENT) $(TRAIN_ARGS)
 
 test: $(STAMP) browser

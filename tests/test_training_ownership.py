@@ -149,6 +149,8 @@ def test_paths_are_compared_as_the_files_they_name(tmp_path, monkeypatch):
     typed = _identity("data.train_path=data/train.json", "model.llm.path=bases/llm")
     absolute = _identity(f"data.train_path={tmp_path}/data/train.json", f"model.llm.path={tmp_path}/bases/llm")
     assert identity_changes(typed, absolute) == []
+    recorded_as_typed = {"data.train_path": "data/train.json"}  # a record written with the path as typed
+    assert identity_changes(recorded_as_typed, absolute) == []
 
 
 def test_a_model_no_run_wrote_is_never_trained_into(tmp_path):

@@ -19,9 +19,6 @@ from importlib.metadata import entry_points
 from omegaconf import DictConfig
 
 from vir.inference.evaluate import format_metrics
-from vir.training.distributed import run_state
-from vir.training.preflight import check_output_dir
-from vir.training.run_lock import run_dir_lock
 from vir.utils.config import ConfigError, cli_entry
 
 RECIPE_ENTRY_POINTS = "vir.recipes"  # recipe.name -> a module with `run(cfg) -> dict` (pyproject.toml)
@@ -36,6 +33,11 @@ def run(cfg: DictConfig) -> int:
     known = recipes()
     if cfg.recipe.name not in known:
         raise ConfigError(f"recipe.name={cfg.recipe.name!r} is not one of {', '.join(sorted(known))}")
+    # Imported here, after cli_entry quietened bitsandbytes (which the pre-flight's imports load).
+    from vir.training.distributed import run_state
+    from vir.training.preflight import check_output_dir
+    from vir.training.run_lock import run_dir_lock
+
     start = time.time()
     output_dir = cfg.training.output_dir
     main_process = run_state().is_main_process

@@ -74,10 +74,7 @@ _FOREIGN_MARKERS = ("config.json", "vir_export.json")
 def run_identity(cfg: DictConfig | dict, num_processes: int) -> Dict[str, object]:
     """The flat `{dotted key: value}` identity of a run config (see module doc; pure)."""
     tree = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    flat = {key: value for key, value in _flat(tree).items() if not _operational(key)}
-    for key in PATH_KEYS:
-        if isinstance(flat.get(key), str):
-            flat[key] = os.path.abspath(flat[key])
+    flat = _absolute_paths({key: value for key, value in _flat(tree).items() if not _operational(key)})
     training = OmegaConf.create(tree.get("training", {}))
     try:
         micro, accumulation = batch_layout(training, num_processes)
@@ -90,8 +87,14 @@ def run_identity(cfg: DictConfig | dict, num_processes: int) -> Dict[str, object
 def identity_changes(recorded: Dict[str, object], current: Dict[str, object]) -> List[str]:
     """`key: old -> new` for each key both identities hold with different values (a key only one side has came
     from another version of the schema, not from the user)."""
+    recorded, current = _absolute_paths(recorded), _absolute_paths(current)  # a record may hold them as typed
     return [f"{key}: {recorded[key]} -> {current[key]}"
             for key in sorted(recorded.keys() & current.keys()) if recorded[key] != current[key]]
+
+
+def _absolute_paths(identity: Dict[str, object]) -> Dict[str, object]:
+    return {key: os.path.abspath(value) if key in PATH_KEYS and isinstance(value, str) else value
+            for key, value in identity.items()}
 
 
 def recorded_identity(output_dir: Path, num_processes: int) -> Optional[Dict[str, object]]:
