@@ -12,9 +12,9 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from pathlib import Path
 from importlib import import_module
 from importlib.metadata import entry_points
+from pathlib import Path
 
 from omegaconf import DictConfig
 
