@@ -55,16 +55,14 @@ def check_destination(run_dir: PathLike, out_dir: PathLike, kind: str, overwrite
     target = out.resolve()
     runs = run_directories(run_dir)
     for protected in runs:
-        if target == protected or protected in target.parents:
+        if target.is_relative_to(protected):
             where = "is" if target == protected else "lies inside"
             raise DestinationError(f"the output directory {out} {where} the run {protected}, whose files the export "
                                    "would overwrite: choose a directory outside the run")
-    if target in runs[0].parents:
+    if runs[0].is_relative_to(target):
         raise DestinationError(f"the run {runs[0]} lies inside the output directory {out}, which an export replaces "
                                "whole: choose a directory outside the run")
-    if out.exists() and not out.is_dir():
-        raise DestinationError(f"the output directory {out} is a file: choose another path")
-    try:  # where it cannot be created at all (under a file, in /proc), say so now, before any weight loads
+    try:  # a file, a path under a file, a system directory (/proc): said now, before any weight loads
         check_output_dir(str(out), key="OUT_DIR")
     except UserError as err:
         raise DestinationError(str(err)) from None

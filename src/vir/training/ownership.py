@@ -155,7 +155,7 @@ def _inputs_in_replaced_run(cfg: DictConfig, output_dir: Path) -> List[str]:
         value = OmegaConf.select(cfg, key)
         if isinstance(value, str) and value not in ("", "???"):
             path = Path(value).resolve()
-            if path in doomed_files or any(path == d or d in path.parents for d in doomed_dirs):
+            if path in doomed_files or any(path.is_relative_to(d) for d in doomed_dirs):
                 found.append(f"{key}={value}")
     return found
 

@@ -25,14 +25,15 @@ from vir.models.quantization import QUANTIZATIONS
 from vir.training.batching import batch_layout
 from vir.training.distributed import run_state
 from vir.training.modes import check_mode
+from vir.utils.paths import made_directories
 from vir.utils.config import ConfigError
 
 
 def check_run(cfg: Any) -> None:
-    """Everything about the run that a config alone can get wrong (see module doc), but the output directory:
-    `check_output_dir` comes first, before anything (an import) writes there."""
+    """Everything about the run that a config alone can get wrong (see module doc), but the output directory
+    and the values: `check_output_dir` and `check_values` come first, before anything (an import) writes
+    there or the output directory is judged."""
     _check_paths(cfg)
-    check_values(cfg)
     _check_options(cfg)
     _check_precision(cfg)
     batch_layout(cfg.training, run_state().num_processes)
@@ -52,18 +53,12 @@ def check_output_dir(value: str, key: str = "training.output_dir", probe: bool =
         raise ConfigError(f"{key}={value}: {ancestor} is a file, not a directory; choose another {key}")
     if not probe:
         return
-    created = [a for a in (path, *path.parents) if not a.exists()]
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
+        with made_directories(path), tempfile.TemporaryFile(dir=path):
             pass
     except OSError as err:
         raise ConfigError(f"{key}={value} cannot be written ({err.strerror or err}); choose a directory you can "
                           "write to") from None
-    finally:
-        for directory in created:  # deepest first
-            if directory.is_dir() and not any(directory.iterdir()):
-                directory.rmdir()
 
 
 # Never a run's output directory: the root, the top-level system directories, and everything under those the
@@ -149,8 +144,7 @@ def _check_paths(cfg: Any) -> None:
 
 def _inside(path: Any, directory: Any) -> bool:
     """Whether `path` is `directory` or lies inside it (symlinks resolved)."""
-    path, directory = Path(str(path)).resolve(), Path(str(directory)).resolve()
-    return path == directory or directory in path.parents
+    return Path(str(path)).resolve().is_relative_to(Path(str(directory)).resolve())
 
 
 def _check_options(cfg: Any) -> None:

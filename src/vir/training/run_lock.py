@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Dict, Iterator, Optional
 
 from vir.utils.errors import UserError
+from vir.utils.paths import made_directories
 
 logger = logging.getLogger(__name__)
 
@@ -53,20 +54,16 @@ def run_dir_lock(output_dir: Path, key: str = "training.output_dir") -> Iterator
         finally:
             _held[resolved][1] -= 1
         return
-    created = [d for d in (directory, *directory.parents) if not d.exists()]
-    directory.mkdir(parents=True, exist_ok=True)
-    fd = _acquire(directory / LOCK_FILE, key)
-    _held[resolved] = [fd, 1]
-    try:
-        yield
-    finally:
-        del _held[resolved]
-        with suppress(OSError):
-            (directory / LOCK_FILE).unlink()  # before unlocking: a waiter then finds a fresh file
-        os.close(fd)
-        for d in created:  # deepest first
+    with made_directories(directory):
+        fd = _acquire(directory / LOCK_FILE, key)
+        _held[resolved] = [fd, 1]
+        try:
+            yield
+        finally:
+            del _held[resolved]
             with suppress(OSError):
-                d.rmdir()  # fails (and stays) when anything was written there
+                (directory / LOCK_FILE).unlink()  # before unlocking: a waiter then finds a fresh file
+            os.close(fd)
 
 
 def _acquire(path: Path, key: str) -> int:
