@@ -99,8 +99,8 @@ def test_invalid_records_are_reported_by_id(raw, reason):
 
 
 def test_unknown_template_lists_choices():
-    with pytest.raises(ValueError, match=r"data.template.*\['llama3', 'plain'\]"):
-        get_template("vicuna")
+    with pytest.raises(ValueError, match=r"data.template.*llama3, plain, vicuna_v1, .*auto"):
+        get_template("alpaca")
 
 
 # ---- llama3 ------------------------------------------------------------------------------------------

@@ -17,15 +17,19 @@ from vir.data.templates import (
     TruncationResult,
     build_example,
     build_generation_prompt,
+    check_template,
+    generation_stop_ids,
     get_template,
     truncate_example,
 )
+from vir.data.templates_text import TemplateError
 
 __all__ = [
     "COUNTERS",
     "DEFAULT_IMAGE_TOKEN",
     "IGNORE_INDEX",
     "TEMPLATES",
+    "TemplateError",
     "DataCollatorForSupervisedDataset",
     "DataFileError",
     "InvalidRecordError",
@@ -37,7 +41,9 @@ __all__ = [
     "black_image",
     "build_example",
     "build_generation_prompt",
+    "check_template",
     "expand_to_square",
+    "generation_stop_ids",
     "get_template",
     "load_image",
     "normalize_record",

@@ -39,7 +39,7 @@ from vir.data.records import DataFileError, RecordStore, read_raw_records
 from vir.data.templates import (
     TruncationResult,
     build_example,
-    get_template,
+    check_template,
     truncate_example,
 )
 from vir.utils.errors import UserError
@@ -113,7 +113,7 @@ class LazySupervisedDataset(Dataset):
             raise NotADirectoryError(f"image folder not found (data.image_folder): {self.image_folder}")
         self.tokenizer = tokenizer
         self.image_processor = image_processor
-        self.template = get_template(template)
+        self.template = check_template(template, tokenizer)  # one-line TemplateError before any record is read
         self.image_token = image_token
         self.image_token_id = _image_token_id(tokenizer, image_token)
         self.num_image_tokens = num_image_tokens
