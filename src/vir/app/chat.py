@@ -136,7 +136,7 @@ class ChatEngine:
         cm = self.cm
         streamer = TextIteratorStreamer(cm.tokenizer, skip_prompt=True, skip_special_tokens=True,
                                         timeout=self.stream_timeout_s)
-        kwargs = dict(inputs, max_new_tokens=max_new_tokens, eos_token_id=cm.tokenizer.eos_token_id,
+        kwargs = dict(inputs, max_new_tokens=max_new_tokens, eos_token_id=cm.stop_ids,
                       pad_token_id=cm.pad_id, streamer=streamer)
         if sampling.temperature > 0:
             kwargs.update(do_sample=True, temperature=float(sampling.temperature), top_p=float(sampling.top_p))

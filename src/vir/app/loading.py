@@ -20,7 +20,8 @@ from PIL import Image
 
 from vir.data.conversation import DEFAULT_IMAGE_TOKEN, Message
 from vir.data.images import preprocess_images, processor_image_size
-from vir.data.templates import build_generation_prompt
+from vir.data.templates import build_generation_prompt, generation_stop_ids
+from vir.data.templates_text import TemplateError
 from vir.inference.generate import generation_pad_id
 from vir.models.checkpoint import RUN_CONFIG_FILE
 from vir.utils.errors import UserError
@@ -65,6 +66,19 @@ class ChatModel:
     @property
     def pad_id(self) -> int:
         return generation_pad_id(self.tokenizer)
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """What generation stops at: the chat template's end-of-turn token (the run's `data.template`; for an
+        export, the one its own chat template writes), the tokenizer's eos and the model's generation_config
+        eos ids (`generation_stop_ids`)."""
+        generation_config = getattr(self.model, "generation_config", None)
+        if self.kind == "vir":
+            return generation_stop_ids(self.run_config.data.template, self.tokenizer, generation_config)
+        try:
+            return generation_stop_ids("auto", self.tokenizer, generation_config)
+        except TemplateError:  # no chat template to read an end-of-turn token from: eos ids only
+            return generation_stop_ids("plain", self.tokenizer, generation_config)
 
     def encode(self, messages: Sequence[Message], images: Sequence[Image.Image]) -> dict:
         """`generate` inputs (`input_ids [1, T]`, `attention_mask`, `pixel_values` when there are images) for a

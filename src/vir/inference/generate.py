@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from vir.data.collator import pad_batch
 from vir.data.conversation import DEFAULT_IMAGE_TOKEN, Message
 from vir.data.images import preprocess_images
-from vir.data.templates import build_generation_prompt
+from vir.data.templates import build_generation_prompt, generation_stop_ids
 
 
 @dataclass
@@ -60,12 +60,14 @@ def generate_answers(
 
     `model` is a LLaVA model (its config names the image token, its id and count) or, for text-only queries, any
     causal LM (`image_processor` may then be None). Prompts are left-padded with the pad token (eos when the
-    tokenizer has none)."""
+    tokenizer has none). Generation stops at `generation_stop_ids`: the template's end-of-turn token, the
+    tokenizer's eos and the model's `generation_config` eos ids."""
     config = model.config
     image_token = getattr(config, "image_token", None) or DEFAULT_IMAGE_TOKEN
     image_token_id = getattr(config, "image_token_id", None)
     num_image_tokens = getattr(config, "num_image_tokens", None) or 1
     pad_id = generation_pad_id(tokenizer)
+    stop_ids = generation_stop_ids(template, tokenizer, getattr(model, "generation_config", None))
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -88,7 +90,7 @@ def generate_answers(
             attention_mask=attention_mask.to(device),
             max_new_tokens=max_new_tokens,
             do_sample=False,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=stop_ids,
             pad_token_id=pad_id,
             **extra,
         )
