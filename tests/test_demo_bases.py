@@ -43,7 +43,7 @@ from vir.demo.scene_text import (
 )
 from vir.demo.synthetic import SyntheticConfig, corpus_texts, labelled_scene, sample_scene
 from vir.demo.vision_base import DENSE_HEADS, dense_labels, pretrain_vision_tower, render_bank
-from vir.models.builder import clip_image_processor
+from vir.models.image_processors import clip_image_processor
 from vir.utils.config import compose_config
 from vir.utils.config_schema import LLMConfig, VisionTowerConfig
 

@@ -147,7 +147,7 @@ def test_processor_and_tower_size_mismatch_is_reported(tmp_path, tokenizer_dir):
     CLIPVisionModel(CLIPVisionConfig(**TINY_VISION)).save_pretrained(tmp_path)
     CLIPImageProcessorPil(size={"shortest_edge": 24}, crop_size={"height": 24, "width": 24}).save_pretrained(tmp_path)
     cfg = compose_config(["model=tiny", f"model.tokenizer_path={tokenizer_dir}", f"model.vision_tower.path={tmp_path}"])
-    with pytest.raises(ValueError, match="crops to 24x24 but the vision tower expects 16x16"):
+    with pytest.raises(ValueError, match="makes 24x24 images but the vision tower expects 16x16"):
         build_all(cfg)
 
 

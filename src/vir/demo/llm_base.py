@@ -326,7 +326,13 @@ def _llm_fields(llm: LLMConfig) -> Dict[str, Any]:
     fields = dataclasses.asdict(llm)
     for key in ("path", "dtype", "attn_implementation", "quantization", "double_quant"):  # how it loads, not what it is
         fields.pop(key)
+    for key in _FAMILY_KEYS:  # the demo's base is always a Llama of the size fields
+        fields.pop(key)
     return fields
+
+
+# `model.llm` keys that shape other families' random-init LLMs, not the demo's Llama base.
+_FAMILY_KEYS = ("model_type", "vocab_size", "head_dim", "tie_word_embeddings", "extra_config")
 
 
 def _document_key(document: Document) -> str:

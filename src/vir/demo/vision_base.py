@@ -39,7 +39,8 @@ from vir.demo.common import (
 )
 from vir.demo.config import SyntheticConfig, VisionPretrainConfig
 from vir.demo.synthetic import SIZES, as_spec, labelled_scene
-from vir.models.builder import clip_image_processor, vision_config_from_sizes
+from vir.models.builder import vision_config_from_sizes
+from vir.models.image_processors import clip_image_processor
 from vir.training.distributed import run_state
 from vir.utils.config_schema import VisionTowerConfig
 
@@ -265,6 +266,6 @@ def _check_geometry(spec: SyntheticConfig, tower: VisionTowerConfig) -> None:
 
 def _tower_fields(tower: VisionTowerConfig) -> Dict[str, Any]:
     fields = dataclasses.asdict(tower)
-    fields.pop("path")
-    fields.pop("freeze")
+    for key in ("path", "freeze", "model_type"):  # the demo's tower is always a CLIP of the size fields
+        fields.pop(key)
     return fields

@@ -1,18 +1,14 @@
-"""LLaVA-1.5 model room: config, CLIP tower, projector, Llama-based model and the builders.
+"""LLaVA-1.5 model room: configs, vision towers, projector, the per-family LLaVA models and the builders.
 
-Importing this package registers `llava_llama` with transformers' Auto classes, so
+The LLaVA classes of a decoder family are made and registered with transformers' Auto classes on first use
+(`vir.models.families.llava_classes`); `llava_llama` is registered on import, so
 `AutoModelForCausalLM.from_pretrained(saved_dir)` works without `trust_remote_code`.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-
 from vir.models.builder import build_all, build_image_processor, build_model, build_model_config, build_tokenizer
 from vir.models.configuration import LlavaLlamaConfig
-from vir.models.llava_arch import LlavaLlamaForCausalLM, LlavaLlamaModel, splice_image_features
-
-AutoConfig.register(LlavaLlamaConfig.model_type, LlavaLlamaConfig, exist_ok=True)
-AutoModel.register(LlavaLlamaConfig, LlavaLlamaModel, exist_ok=True)
-AutoModelForCausalLM.register(LlavaLlamaConfig, LlavaLlamaForCausalLM, exist_ok=True)
+from vir.models.families import llava_classes, llava_model_class
+from vir.models.llava_arch import LlavaLlamaForCausalLM, splice_image_features
 
 __all__ = [
     "LlavaLlamaConfig",
@@ -22,5 +18,7 @@ __all__ = [
     "build_model",
     "build_model_config",
     "build_tokenizer",
+    "llava_classes",
+    "llava_model_class",
     "splice_image_features",
 ]

@@ -1,4 +1,9 @@
-"""Config section -> model, tokenizer, image processor. The one place that loads weights from disk."""
+"""Config section -> model, tokenizer, image processor. The one place that loads weights from disk.
+
+The LLM may be any decoder family (`vir.models.families`); the vision tower CLIP or SigLIP. Every shape comes from
+the directories when their paths are set, else from the size keys (`model.llm.model_type` picks the family of a
+random-init LLM, `model.vision_tower.model_type` its tower).
+"""
 
 from __future__ import annotations
 
@@ -9,21 +14,15 @@ from pathlib import Path
 from typing import Any, Optional, Tuple
 
 import torch
-from transformers import (
-    AutoConfig,
-    AutoTokenizer,
-    CLIPImageProcessorPil,
-    CLIPVisionConfig,
-    PreTrainedConfig,
-    PreTrainedTokenizerBase,
-)
-from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from transformers import AutoConfig, AutoTokenizer, PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from vir.data.images import processor_image_size as processed_size
 from vir.data.templates import FINETUNE_PAD
-from vir.models.configuration import LlavaLlamaConfig, check_projector_type, check_select_feature
-from vir.models.encoder import load_vision_config, quiet_load_report
-from vir.models.llava_arch import LlavaLlamaForCausalLM
-from vir.models.model_types import check_model_type
+from vir.models.configuration import check_projector_type, check_select_feature, is_llava_config
+from vir.models.encoder import load_vision_config, quiet_load_report, vision_classes
+from vir.models.families import llava_classes, register_saved_type, text_config_class
+from vir.models.image_processors import ImageProcessor, default_image_processor, load_image_processor
+from vir.models.model_types import check_llm_type
 from vir.models.projector import load_projector_state_dict
 from vir.models.quantization import ensure_initialised, quantized_loading
 from vir.utils.config import ConfigError
@@ -89,35 +88,28 @@ def build_tokenizer(model_cfg: Any) -> PreTrainedTokenizerBase:
     return prepare_tokenizer(tokenizer, model_cfg.image_token, model_cfg.pad_token, model_cfg.model_max_length)
 
 
-def build_image_processor(model_cfg: Any) -> CLIPImageProcessorPil:
-    """The CLIP image processor (PIL backend): saved with the tower at `model.vision_tower.path`, else CLIP's
-    defaults (OpenAI mean/std, bicubic resize + centre crop) at `model.vision_tower.image_size`."""
+def build_image_processor(model_cfg: Any) -> ImageProcessor:
+    """The tower's image processor (PIL backend): the one saved with the tower at `model.vision_tower.path`, else
+    its family's defaults at the tower's image size (CLIP: OpenAI mean/std, resize + centre crop; SigLIP: mean and
+    std 0.5, resize to a square)."""
     tower_cfg = model_cfg.vision_tower
-    image_size = tower_cfg.image_size
     if tower_cfg.path:
         directory = _require_dir(tower_cfg.path, "model.vision_tower.path")
+        vision = load_vision_config(directory)
         if (directory / "preprocessor_config.json").is_file():
-            return CLIPImageProcessorPil.from_pretrained(str(directory))
-        image_size = load_vision_config(directory).image_size
-        logger.warning("%s has no preprocessor_config.json; using CLIP's defaults at %d px", directory, image_size)
-    return clip_image_processor(image_size)
-
-
-def clip_image_processor(image_size: int) -> CLIPImageProcessorPil:
-    """CLIP's preprocessing at `image_size`: OpenAI mean/std, bicubic resize of the short side + centre crop."""
-    return CLIPImageProcessorPil(
-        size={"shortest_edge": image_size},
-        crop_size={"height": image_size, "width": image_size},
-        image_mean=OPENAI_CLIP_MEAN,
-        image_std=OPENAI_CLIP_STD,
-    )
+            return load_image_processor(directory, "model.vision_tower.path")
+        logger.warning("%s has no preprocessor_config.json; using %s's defaults at %d px", directory,
+                       vision.model_type, vision.image_size)
+        return default_image_processor(vision.model_type, vision.image_size)
+    return default_image_processor(tower_cfg.model_type, tower_cfg.image_size)
 
 
 def build_model_config(
     model_cfg: Any, tokenizer: PreTrainedTokenizerBase, image_aspect_ratio: str = "pad"
-) -> LlavaLlamaConfig:
-    """The LlavaLlamaConfig for `model_cfg`: LLM shape from `model.llm.path`'s config.json (else the size
-    fields), vision shape from `model.vision_tower.path` (else the size fields), token ids from `tokenizer`."""
+) -> PreTrainedConfig:
+    """The LLaVA config of the LLM's family for `model_cfg`: LLM shape from `model.llm.path`'s config.json (else
+    the size fields and `model.llm.model_type`), vision shape from `model.vision_tower.path` (else the size
+    fields), token ids from `tokenizer`."""
     try:
         check_projector_type(model_cfg.projector_type, key="model.projector_type")
         check_select_feature(model_cfg.vision_tower.select_feature, key="model.vision_tower.select_feature")
@@ -128,14 +120,19 @@ def build_model_config(
         raise ConfigError(f"the tokenizer has no {model_cfg.image_token!r} token (model.image_token); "
                          "run it through prepare_tokenizer (build_tokenizer does)")
     source = _read_llm_config(model_cfg.llm.path) if model_cfg.llm.path else None
-    if source is not None and source.model_type != "llama" and not model_cfg.vision_tower.path \
+    if source is not None and is_llava_config(source) and not model_cfg.vision_tower.path \
             and not _has_vision_config(model_cfg.llm.path):
         raise ConfigError(
             f"model.llm.path={model_cfg.llm.path} is an original LLaVA checkpoint: its tower is named "
             f"{getattr(source, 'mm_vision_tower', None)!r} (mm_vision_tower), not stored with it; set "
-            "model.vision_tower.path to a local copy of that CLIP model")
-    text_fields = _text_fields(source) if source is not None else llm_fields_from_sizes(model_cfg.llm)
+            "model.vision_tower.path to a local copy of that CLIP or SigLIP model")
+    if source is not None:
+        family, text_fields = _family_of(source), _text_fields(source)
+    else:
+        family, text_fields = random_init_family(model_cfg.llm), llm_fields_from_sizes(model_cfg.llm)
     vocab_size = len(tokenizer) if source is None else max(len(tokenizer), source.vocab_size)
+    if source is None and getattr(model_cfg.llm, "vocab_size", None):
+        vocab_size = max(vocab_size, model_cfg.llm.vocab_size)
     multimodal_fields = {
         "vocab_size": vocab_size,
         "bos_token_id": tokenizer.bos_token_id,
@@ -151,41 +148,45 @@ def build_model_config(
         "image_aspect_ratio": image_aspect_ratio,
         "tokenizer_model_max_length": model_cfg.model_max_length,
     }
+    config_class = llava_classes(family)[0]
     try:
-        return LlavaLlamaConfig(**{**text_fields, **multimodal_fields})
+        return config_class(**{**text_fields, **multimodal_fields})
     except ValueError as err:  # the shapes and options the user chose do not fit together
         raise ConfigError(str(err)) from None
 
 
 def build_model(
     model_cfg: Any, tokenizer: PreTrainedTokenizerBase, image_aspect_ratio: str = "pad"
-) -> LlavaLlamaForCausalLM:
-    """LlavaLlamaForCausalLM for `model_cfg`: random init when `model.llm.path` is null, else the Llama
-    weights from there; CLIP weights from `model.vision_tower.path`; `model.pretrained_projector` when set.
+) -> PreTrainedModel:
+    """The LLaVA model of the LLM's family for `model_cfg`: random init when `model.llm.path` is null, else the
+    LLM's weights from there; tower weights from `model.vision_tower.path`; `model.pretrained_projector` when set.
 
-    Embeddings end up with `len(tokenizer)` rows (new rows are the mean of the old ones, as in LLaVA); the
-    vision tower is frozen when `model.vision_tower.freeze`. `model.llm.path` may also be a saved
-    LlavaLlamaForCausalLM: its tower and projector load with it, and `model.vision_tower.path`, when set,
-    still overwrites the tower (explicit config wins).
+    Embeddings end up with `len(tokenizer)` rows (new rows are the mean of the old ones, as in LLaVA; tied
+    embeddings stay tied); the vision tower is frozen when `model.vision_tower.freeze`. `model.llm.path` may also
+    be a saved LLaVA model: its tower and projector load with it, and `model.vision_tower.path`, when set, still
+    overwrites the tower (explicit config wins).
     """
     config = build_model_config(model_cfg, tokenizer, image_aspect_ratio)
+    model_class = llava_classes(config.text_model_type)[1]
     dtype = _dtype(model_cfg.llm.dtype)
-    attn = model_cfg.llm.attn_implementation
+    attn = _attention(model_class, model_cfg.llm.attn_implementation)
     placement = quantized_loading(model_cfg.llm, dtype)
     if model_cfg.llm.path is None:
         if placement:
             raise ConfigError(f"model.llm.quantization={model_cfg.llm.quantization} quantizes a checkpoint as it "
-                             "loads: set model.llm.path to a local Llama directory")
-        model = LlavaLlamaForCausalLM._from_config(config, dtype=dtype, attn_implementation=attn)
+                             "loads: set model.llm.path to a local LLM directory")
+        model = model_class._from_config(config, dtype=dtype, attn_implementation=attn)
     else:
         # Load with the checkpoint's vocabulary size, then grow it for the tokens the tokenizer added.
         source = _read_llm_config(model_cfg.llm.path)
         load_config = copy.deepcopy(config)
         load_config.vocab_size = source.vocab_size
-        model = _load_llm(model_cfg.llm.path, load_config, source.model_type, bool(model_cfg.vision_tower.path),
-                          dtype=dtype, attn_implementation=attn,
-                          **placement)
+        if load_config.pad_token_id is not None and load_config.pad_token_id >= source.vocab_size:
+            load_config.pad_token_id = getattr(source, "pad_token_id", None)  # a pad token the tokenizer added
+        model = _load_llm(model_class, model_cfg.llm.path, load_config, is_llava_config(source),
+                          bool(model_cfg.vision_tower.path), dtype=dtype, attn_implementation=attn, **placement)
         resize_token_embeddings_mean_init(model, config.vocab_size)
+        model.config.pad_token_id = config.pad_token_id
         if placement:
             ensure_initialised(model.get_model().mm_projector, "model.mm_projector")
     if model_cfg.vision_tower.path:
@@ -199,22 +200,20 @@ def build_model(
     return model
 
 
-# Absent from a plain Llama checkpoint by design: they come from `model.vision_tower.path` and the projector.
-_MULTIMODAL_PREFIXES = ("model.vision_tower.", "model.mm_projector.")
-
-
-def _load_llm(path: Any, config: LlavaLlamaConfig, source_type: str, tower_from_path: bool,
-              **kwargs: Any) -> LlavaLlamaForCausalLM:
-    """`from_pretrained` without transformers' table of the tower/projector keys a plain Llama directory lacks
-    (expected, when `source_type`, the checkpoint's model_type, is "llama"), nor of the tower keys a LLaVA
-    checkpoint lacks when the tower comes from `model.vision_tower.path` (`tower_from_path`; LLaVA's releases
-    leave it out); any other missing key is still reported, by name."""
+def _load_llm(model_class: type, path: Any, config: PreTrainedConfig, source_is_llava: bool, tower_from_path: bool,
+              **kwargs: Any) -> PreTrainedModel:
+    """`from_pretrained` without transformers' table of the tower/projector keys a plain LLM directory lacks
+    (expected, unless `source_is_llava`), nor of the tower keys a LLaVA checkpoint lacks when the tower comes from
+    `model.vision_tower.path` (`tower_from_path`; LLaVA's releases leave it out); any other missing key is still
+    reported, by name."""
     with quiet_load_report():
-        model, info = LlavaLlamaForCausalLM.from_pretrained(
+        model, info = model_class.from_pretrained(
             str(path), config=config, low_cpu_mem_usage=True, output_loading_info=True, **kwargs
         )
-    expected_absent = _MULTIMODAL_PREFIXES if source_type == "llama" else (
-        _MULTIMODAL_PREFIXES[:1] if tower_from_path else ())
+    # Absent from a plain LLM checkpoint by design: they come from `model.vision_tower.path` and the projector.
+    prefix = model_class.base_model_prefix
+    multimodal = (f"{prefix}.vision_tower.", f"{prefix}.mm_projector.")
+    expected_absent = multimodal if not source_is_llava else (multimodal[:1] if tower_from_path else ())
     missing = sorted(k for k in info["missing_keys"] if not k.startswith(expected_absent))
     if missing:
         logger.warning("model.llm.path=%s lacks %d weights (randomly initialised): %s", path, len(missing),
@@ -225,30 +224,32 @@ def _load_llm(path: Any, config: LlavaLlamaConfig, source_type: str, tower_from_
     return model
 
 
-def build_inputs(cfg: Any) -> Tuple[PreTrainedTokenizerBase, CLIPImageProcessorPil, LlavaLlamaConfig]:
+def build_inputs(cfg: Any) -> Tuple[PreTrainedTokenizerBase, ImageProcessor, PreTrainedConfig]:
     """(tokenizer, image_processor, model config) for a composed config, without loading any weights: what the
     data pipeline needs, so data errors surface before a model is loaded."""
     tokenizer = build_tokenizer(cfg.model)
     config = build_model_config(cfg.model, tokenizer, cfg.data.image_aspect_ratio)
     image_processor = build_image_processor(cfg.model)
-    crop, tower_size = image_processor.crop_size, config.vision_config.image_size
-    if (crop["height"], crop["width"]) != (tower_size, tower_size):
-        raise ConfigError(f"the image processor crops to {crop['height']}x{crop['width']} but the vision tower "
-                         f"expects {tower_size}x{tower_size} (model.vision_tower.image_size / .path)")
+    width, height = processed_size(image_processor)
+    tower_size = config.vision_config.image_size
+    if (width, height) != (tower_size, tower_size):
+        raise ConfigError(f"the image processor makes {width}x{height} images but the vision tower expects "
+                         f"{tower_size}x{tower_size} (model.vision_tower.image_size / .path)")
     return tokenizer, image_processor, config
 
 
-def build_all(cfg: Any) -> Tuple[LlavaLlamaForCausalLM, PreTrainedTokenizerBase, CLIPImageProcessorPil]:
+def build_all(cfg: Any) -> Tuple[PreTrainedModel, PreTrainedTokenizerBase, ImageProcessor]:
     """(model, tokenizer, image_processor) for a composed config (`cfg.model`, `cfg.data.image_aspect_ratio`)."""
     tokenizer, image_processor, _ = build_inputs(cfg)
     return build_model(cfg.model, tokenizer, image_aspect_ratio=cfg.data.image_aspect_ratio), tokenizer, image_processor
 
 
-def resize_token_embeddings_mean_init(model: LlavaLlamaForCausalLM, num_tokens: int) -> None:
+def resize_token_embeddings_mean_init(model: PreTrainedModel, num_tokens: int) -> None:
     """Grow input and output embeddings to `num_tokens` rows, each new row the mean of the old rows.
 
     The mean keeps the new tokens' logits and embeddings in the distribution the model already knows (LLaVA
-    does the same); never shrinks, so checkpoints whose vocabulary is padded past the tokenizer keep it.
+    does the same); never shrinks, so checkpoints whose vocabulary is padded past the tokenizer keep it. Tied
+    embeddings are one weight, grown once.
     """
     old_tokens = model.get_input_embeddings().weight.shape[0]
     if num_tokens <= old_tokens:
@@ -269,9 +270,31 @@ def _require_dir(path: Any, key: str) -> Path:
 
 
 def _read_llm_config(path: Any) -> PreTrainedConfig:
+    """The config of the LLM directory `path`: the family's config, or a saved LLaVA model's (its family's LLaVA
+    config class registered first)."""
     directory = _require_dir(path, "model.llm.path")
-    check_model_type(directory, "model.llm.path")  # and a config.json to read it from
+    family = check_llm_type(directory)  # and a config.json to read it from
+    model_type = json.loads((directory / "config.json").read_text())["model_type"]
+    register_saved_type(model_type)
+    if model_type != family and model_type != f"llava_{family}":  # LLaVA-NeXT's `llava_qwen`: Qwen2 by another name
+        return llava_classes(family)[0].from_pretrained(str(directory))
     return AutoConfig.from_pretrained(str(directory))
+
+
+def _family_of(source: PreTrainedConfig) -> str:
+    return source.text_model_type if is_llava_config(source) else source.model_type
+
+
+def random_init_family(llm_cfg: Any) -> str:
+    """`model.llm.model_type`: the decoder family a random-init LLM is built as."""
+    from vir.models.model_types import llm_type_problem
+
+    family = str(getattr(llm_cfg, "model_type", None) or "llama")
+    problem = llm_type_problem({"model_type": family})
+    if problem is not None:
+        raise ConfigError(f"model.llm.model_type={family} is {problem}; it names the decoder family of a random-init "
+                          "LLM (llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, ...)")
+    return family
 
 
 def _has_vision_config(path: Any) -> bool:
@@ -280,7 +303,7 @@ def _has_vision_config(path: Any) -> bool:
 
 
 def _text_fields(source: PreTrainedConfig) -> dict:
-    """The Llama fields of an LLM config.json (a saved LlavaLlamaConfig's multimodal fields are rebuilt)."""
+    """The LLM fields of an LLM config.json (a saved LLaVA config's multimodal fields are rebuilt)."""
     fields = source.to_dict()
     for key in _NOT_TEXT_FIELDS + ("mm_hidden_size", "num_image_tokens"):
         fields.pop(key, None)
@@ -288,8 +311,11 @@ def _text_fields(source: PreTrainedConfig) -> dict:
 
 
 def llm_fields_from_sizes(llm_cfg: Any) -> dict:
-    """LlamaConfig fields for a random-init LLM from the size keys of `model.llm`."""
-    return {
+    """Config fields for a random-init LLM of the family `model.llm.model_type` from the size keys of `model.llm`
+    (`head_dim` defaults to hidden_size / heads; `tie_word_embeddings` null keeps the family's default;
+    `extra_config` adds any other field of the family's config)."""
+    family = random_init_family(llm_cfg)
+    fields = {
         "hidden_size": llm_cfg.hidden_size,
         "intermediate_size": llm_cfg.intermediate_size,
         "num_hidden_layers": llm_cfg.num_hidden_layers,
@@ -298,21 +324,38 @@ def llm_fields_from_sizes(llm_cfg: Any) -> dict:
         "max_position_embeddings": llm_cfg.max_position_embeddings,
         "rope_parameters": {"rope_type": "default", "rope_theta": float(llm_cfg.rope_theta)},
     }
+    known = getattr(text_config_class(family), "__dataclass_fields__", {})
+    if "head_dim" in known:
+        fields["head_dim"] = getattr(llm_cfg, "head_dim", None) or llm_cfg.hidden_size // llm_cfg.num_attention_heads
+    if getattr(llm_cfg, "tie_word_embeddings", None) is not None:
+        fields["tie_word_embeddings"] = bool(llm_cfg.tie_word_embeddings)
+    fields = {key: value for key, value in fields.items() if key in known}
+    extra = dict(getattr(llm_cfg, "extra_config", None) or {})
+    unknown = sorted(set(extra) - set(known))
+    if unknown:
+        raise ConfigError(f"model.llm.extra_config sets {', '.join(unknown)}, which a {family} config does not have")
+    return {**fields, **extra}
 
 
-def vision_config(tower_cfg: Any, source: Optional[PreTrainedConfig] = None) -> CLIPVisionConfig:
+def vision_config(tower_cfg: Any, source: Optional[PreTrainedConfig] = None) -> PreTrainedConfig:
     """The tower's shape: `model.vision_tower.path`'s config, else a saved LLaVA LLM's own tower (`source`),
     else the size fields."""
     if tower_cfg.path:
         return load_vision_config(tower_cfg.path)
-    if isinstance(source, LlavaLlamaConfig):  # a saved LLaVA model carries its own tower's shape
+    if source is not None and is_llava_config(source):  # a saved LLaVA model carries its own tower's shape
         return source.vision_config
     return vision_config_from_sizes(tower_cfg)
 
 
-def vision_config_from_sizes(tower_cfg: Any) -> CLIPVisionConfig:
-    """A CLIPVisionConfig for a random-init tower from the size keys of `model.vision_tower`."""
-    return CLIPVisionConfig(
+def vision_config_from_sizes(tower_cfg: Any) -> PreTrainedConfig:
+    """A random-init tower's vision config (`model.vision_tower.model_type`: CLIP or SigLIP) from its size keys."""
+    tower_type = str(getattr(tower_cfg, "model_type", None) or "clip_vision_model")
+    try:
+        config_class = vision_classes(tower_type)[0]
+    except KeyError:
+        raise ConfigError(f"model.vision_tower.model_type={tower_type} is not a vision tower; choose "
+                          "clip_vision_model or siglip_vision_model") from None
+    return config_class(
         image_size=tower_cfg.image_size,
         patch_size=tower_cfg.patch_size,
         hidden_size=tower_cfg.hidden_size,
@@ -320,6 +363,15 @@ def vision_config_from_sizes(tower_cfg: Any) -> CLIPVisionConfig:
         num_hidden_layers=tower_cfg.num_hidden_layers,
         num_attention_heads=tower_cfg.num_attention_heads,
     )
+
+
+def _attention(model_class: type, requested: Optional[str]) -> Optional[str]:
+    """`model.llm.attn_implementation`, or eager where the family has no SDPA path (Gemma 2's softcapped
+    attention) and SDPA, the default, was asked for."""
+    if requested == "sdpa" and not getattr(model_class, "_supports_sdpa", True):
+        logger.warning("%s has no SDPA attention; using eager (model.llm.attn_implementation)", model_class.__name__)
+        return "eager"
+    return requested
 
 
 def _dtype(name: str) -> torch.dtype:

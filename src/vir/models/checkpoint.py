@@ -5,9 +5,9 @@ A run directory (and every `checkpoint-N/` in it) holds:
     mm_projector.bin          projector weights under LLaVA's keys (model.mm_projector.0.weight, ...)
     adapter_model.safetensors + adapter_config.json     (stage2_lora)   or
     model.safetensors + config.json                     (stage2_full: all weights)
-    config.json               the LlavaLlamaConfig (always)
+    config.json               the LLaVA config of the LLM's family (always; model_type llava_<family>)
     tokenizer files           the prepared tokenizer (with <image> and pad)
-    preprocessor_config.json  the CLIP image processor
+    preprocessor_config.json  the tower's image processor (CLIP or SigLIP)
     vir_config.yaml           the resolved Hydra config the run was made with
 
 Runs that save neither full weights nor an adapter (stage1) are rebuilt from the base directories named in
@@ -25,10 +25,12 @@ from typing import Optional, Tuple
 import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
-from transformers import AutoTokenizer, CLIPImageProcessorPil, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from vir.models.builder import DTYPES, build_model
-from vir.models.llava_arch import LlavaLlamaForCausalLM
+from vir.models.families import llava_model_class, register_saved_type
+from vir.models.image_processors import ImageProcessor, load_image_processor
+from vir.models.model_types import model_type_of
 from vir.models.projector import PROJECTOR_FILE, PathLike, load_projector_state_dict, save_projector
 from vir.models.quantization import QUANTIZATIONS, is_quantized, quantized_loading
 from vir.utils.errors import UserError
@@ -70,13 +72,13 @@ def write_run_artifacts(
 def load_run(
     run_dir: PathLike, merge_adapter: bool = False, device: Optional[str] = None, dequantize: bool = False,
     quantize: Optional[str] = None,
-) -> Tuple[torch.nn.Module, PreTrainedTokenizerBase, CLIPImageProcessorPil, DictConfig]:
+) -> Tuple[torch.nn.Module, PreTrainedTokenizerBase, ImageProcessor, DictConfig]:
     """(model, tokenizer, image_processor, run_config) from a run directory or `checkpoint-N/`, in eval mode,
     on `device` (default: the GPU when there is one, else the CPU).
 
     Full-weight runs load with `from_pretrained`; adapter and projector-only runs are rebuilt from the base
     model the run config names, then get `mm_projector.bin` and the peft adapter on top. With
-    `merge_adapter`, LoRA is merged into the base weights and a plain LlavaLlamaForCausalLM is returned.
+    `merge_adapter`, LoRA is merged into the base weights and the family's plain LLaVA model is returned.
     With `dequantize`, a QLoRA run's 4/8-bit base is turned back into `model.llm.dtype` weights (the values the
     adapter trained against, de-quantised) before the adapter goes on: merging then folds LoRA in exactly.
     With `quantize` (`nf4` or `int8`), the LLM loads with bitsandbytes (tower, projector and head in full
@@ -89,13 +91,13 @@ def load_run(
     run_config = OmegaConf.load(config_file)
     check_weight_files(run)
     tokenizer = AutoTokenizer.from_pretrained(str(run))
-    image_processor = CLIPImageProcessorPil.from_pretrained(str(run))
+    image_processor = load_image_processor(run, "run directory")
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise UserError(f"quantize={quantize!r} is not one of {', '.join(QUANTIZATIONS)}")
     if any((run / name).is_file() for name in FULL_WEIGHT_FILES):
         llm_cfg = OmegaConf.merge(run_config.model.llm, {"quantization": quantize or "none"})
         placement = quantized_loading(llm_cfg, _compute_dtype(llm_cfg.dtype))
-        model = LlavaLlamaForCausalLM.from_pretrained(str(run), **placement)
+        model = saved_model_class(run).from_pretrained(str(run), **placement)
     else:
         model_cfg = run_config.model.copy()
         if quantize is not None:
@@ -118,6 +120,12 @@ def load_run(
         model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.eval()
     return model, tokenizer, image_processor, run_config
+
+
+def saved_model_class(directory: PathLike) -> type:
+    """The LLaVA class of the family a saved run or checkpoint directory holds (its config.json's llava_<family>)."""
+    register_saved_type(model_type_of(directory, "run directory"))
+    return llava_model_class(AutoConfig.from_pretrained(str(directory)))
 
 
 def check_weight_files(run_dir: PathLike, also: Tuple[str, ...] = ()) -> None:

@@ -1,8 +1,9 @@
 """The way in from transformers' Llava: a `llava-hf/*` style directory split into the three things a `vir` run
 starts from (`model.init_from_hf=DIR`):
 
-    llm/              a Llama directory (config, weights, the checkpoint's tokenizer)      -> model.llm.path
-    clip/             a CLIPVisionModel directory with its image processor                 -> model.vision_tower.path
+    llm/              an LLM directory of the text model's family (config, weights, the checkpoint's tokenizer)
+                                                                                            -> model.llm.path
+    clip/ or siglip/  the vision model's directory with its image processor                -> model.vision_tower.path
     mm_projector.bin  the projector under LLaVA's keys                                     -> model.pretrained_projector
 
 Every key layout is read: the modules' own names (`model.language_model.*`, `model.vision_tower.*`,
@@ -22,17 +23,12 @@ from typing import Dict, Tuple
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import (
-    AutoProcessor,
-    AutoTokenizer,
-    CLIPImageProcessorPil,
-    CLIPVisionConfig,
-    CLIPVisionModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    LlavaConfig,
-)
+from transformers import AutoProcessor, AutoTokenizer, CLIPImageProcessorPil, LlavaConfig, SiglipImageProcessorPil
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+from vir.models.configuration import VISION_TYPES_WITH_CLS
+from vir.models.encoder import vision_classes
+from vir.models.model_types import llm_type_problem
 from vir.models.projector import PathLike
 from vir.utils.errors import UserError
 
@@ -50,7 +46,7 @@ class ImportMismatchError(UserError):
 
 
 def split_hf_state_dict(state: Dict[str, torch.Tensor]) -> Tuple[dict, dict, dict]:
-    """(Llama keys, CLIPVisionModel keys, LLaVA projector keys) from a Llava state dict in either layout (pure)."""
+    """(causal-LM keys, vision-model keys, LLaVA projector keys) from a Llava state dict in either layout (pure)."""
     llm, tower, projector, unknown = {}, {}, {}, []
     for key, tensor in state.items():
         name = key.removeprefix("model.")
@@ -58,11 +54,11 @@ def split_hf_state_dict(state: Dict[str, torch.Tensor]) -> Tuple[dict, dict, dic
             llm["model." + name[len("language_model.model."):]] = tensor
         elif name.startswith("language_model.lm_head."):
             llm[name[len("language_model."):]] = tensor
-        elif name.startswith("language_model."):  # new layout: model.language_model.<LlamaModel keys>
+        elif name.startswith("language_model."):  # new layout: model.language_model.<base model keys>
             llm["model." + name[len("language_model."):]] = tensor
         elif key == "lm_head.weight":
             llm[key] = tensor
-        elif name.startswith("vision_tower."):  # CLIPVisionModel keys; hub checkpoints add `vision_model.`
+        elif name.startswith("vision_tower."):  # vision-model keys; hub checkpoints add `vision_model.`
             tower[name[len("vision_tower."):].removeprefix("vision_model.")] = tensor
         elif name.startswith("multi_modal_projector."):
             layer, _, param = name[len("multi_modal_projector."):].partition(".")
@@ -119,9 +115,10 @@ def fingerprint(directory: Path) -> str:
 
 
 def import_hf_llava(hf_dir: PathLike, out_dir: PathLike) -> Dict[str, str]:
-    """Split `hf_dir` into `out_dir/{llm,clip,mm_projector.bin}` (once: an unchanged source is not re-read).
+    """Split `hf_dir` into `out_dir/{llm,clip|siglip,mm_projector.bin}` (once: an unchanged source is not re-read).
 
-    Returns the config values the checkpoint fixes: `llm`, `clip`, `projector` paths, `select_layer`,
+    Returns the config values the checkpoint fixes: `llm`, `clip` (the tower, CLIP or SigLIP), `projector` paths,
+    `select_layer`,
     `select_feature`, `image_aspect_ratio` (pad when its image processor pads to a square)."""
     source, out = Path(hf_dir), Path(out_dir)
     if not (source / "config.json").is_file():
@@ -137,10 +134,24 @@ def import_hf_llava(hf_dir: PathLike, out_dir: PathLike) -> Dict[str, str]:
     if not isinstance(config.vision_feature_layer, int):
         raise UserError(f"model.init_from_hf={source}: vision_feature_layer={config.vision_feature_layer} (several "
                         "layers concatenated) is not a LLaVA-1.5 tower")
+    text_config, vision = config.text_config, config.vision_config
+    problem = llm_type_problem(text_config.to_dict())
+    if problem is not None:
+        raise UserError(f"model.init_from_hf={source}: its text model is a {text_config.model_type!r} model "
+                        f"({problem}); a decoder-only causal LM is needed")
+    if vision.model_type not in VISION_TYPES_WITH_CLS:
+        raise UserError(f"model.init_from_hf={source}: its vision tower is a {vision.model_type!r} model; CLIP or "
+                        "SigLIP is needed")
+    has_cls = VISION_TYPES_WITH_CLS[vision.model_type]
+    if config.vision_feature_select_strategy == "default" and not has_cls:
+        raise UserError(f"model.init_from_hf={source}: vision_feature_select_strategy=default drops the first token, "
+                        f"but a {vision.model_type} tower has no CLS token to drop")
+    tower_dir = out / ("clip" if has_cls else "siglip")
     result = {
-        "llm": str(out / "llm"), "clip": str(out / "clip"), "projector": str(out / "mm_projector.bin"),
+        "llm": str(out / "llm"), "clip": str(tower_dir), "projector": str(out / "mm_projector.bin"),
         "select_layer": config.vision_feature_layer,
-        "select_feature": "patch" if config.vision_feature_select_strategy == "default" else "cls_patch",
+        "select_feature": "patch" if config.vision_feature_select_strategy == "default" or not has_cls
+                          else "cls_patch",
     }
     image_processor = _image_processor(source)
     result["image_aspect_ratio"] = "pad" if getattr(image_processor, "do_pad", False) else "crop"
@@ -149,29 +160,29 @@ def import_hf_llava(hf_dir: PathLike, out_dir: PathLike) -> Dict[str, str]:
     if marker.is_file() and json.loads(marker.read_text()) == stamp:
         return result
     llm_state, tower_state, projector = split_hf_state_dict(_read_weights(source))
-    text_config = LlamaConfig(**{k: v for k, v in config.text_config.to_dict().items() if k != "model_type"})
-    vision = CLIPVisionConfig(**{k: v for k, v in config.vision_config.to_dict().items() if k != "model_type"})
-    if config.text_config.tie_word_embeddings and "lm_head.weight" not in llm_state:
+    causal_lm_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(text_config)]
+    tower_class = vision_classes(vision.model_type)[1]
+    if (text_config.tie_word_embeddings or config.tie_word_embeddings) and "lm_head.weight" not in llm_state:
         llm_state["lm_head.weight"] = llm_state["model.embed_tokens.weight"]
-    check_state(llm_state, _expected(LlamaForCausalLM, text_config), "language model", source)
-    check_state(tower_state, _expected(CLIPVisionModel, vision), "vision tower", source)
+    check_state(llm_state, _expected(causal_lm_class, text_config), "language model", source)
+    check_state(tower_state, _expected(tower_class, vision), "vision tower", source)
     width_in, width_out = vision.hidden_size, text_config.hidden_size
     shapes = {"0.weight": (width_out, width_in), "0.bias": (width_out,), "2.weight": (width_out, width_out),
               "2.bias": (width_out,)}
     check_state(projector, {f"model.mm_projector.{k}": v for k, v in shapes.items()}, "projector", source)
     (out / "llm").mkdir(parents=True, exist_ok=True)
-    (out / "clip").mkdir(parents=True, exist_ok=True)
-    text_config.architectures = ["LlamaForCausalLM"]
+    tower_dir.mkdir(parents=True, exist_ok=True)
+    text_config.architectures = [causal_lm_class.__name__]
     text_config.save_pretrained(str(out / "llm"))
     save_file({k: v.contiguous() for k, v in llm_state.items()}, str(out / "llm" / "model.safetensors"))
     AutoTokenizer.from_pretrained(str(source)).save_pretrained(str(out / "llm"))
-    vision.architectures = ["CLIPVisionModel"]
-    vision.save_pretrained(str(out / "clip"))
-    save_file({k: v.contiguous() for k, v in tower_state.items()}, str(out / "clip" / "model.safetensors"))
-    _clip_processor(image_processor, vision.image_size).save_pretrained(str(out / "clip"))
+    vision.architectures = [tower_class.__name__]
+    vision.save_pretrained(str(tower_dir))
+    save_file({k: v.contiguous() for k, v in tower_state.items()}, str(tower_dir / "model.safetensors"))
+    _tower_processor(image_processor, vision.image_size, has_cls).save_pretrained(str(tower_dir))
     torch.save({k: v.contiguous() for k, v in projector.items()}, out / "mm_projector.bin")
     marker.write_text(json.dumps(stamp, indent=2))
-    logger.info("imported %s -> %s (llm/, clip/, mm_projector.bin)", source, out)
+    logger.info("imported %s -> %s (llm/, %s/, mm_projector.bin)", source, out, tower_dir.name)
     return result
 
 
@@ -184,10 +195,15 @@ def _image_processor(source: Path):
         return AutoImageProcessor.from_pretrained(str(source))
 
 
-def _clip_processor(processor, image_size: int) -> CLIPImageProcessorPil:
-    """CLIP preprocessing with the checkpoint's sizes, mean, std and resampling (padding is the data config's
-    `image_aspect_ratio`)."""
-    size = dict(processor.size) if processor.size else {"shortest_edge": image_size}
+def _tower_processor(processor, image_size: int, clip: bool):
+    """The tower family's preprocessing with the checkpoint's sizes, mean, std and resampling (padding is the data
+    config's `image_aspect_ratio`): CLIP's resize + crop, or SigLIP's resize to a square."""
+    if not clip:
+        return SiglipImageProcessorPil(size={"height": image_size, "width": image_size},
+                                       image_mean=list(processor.image_mean), image_std=list(processor.image_std),
+                                       resample=processor.resample)
+    size = {k: v for k, v in dict(processor.size).items() if v is not None} if processor.size else {
+        "shortest_edge": image_size}
     crop = dict(processor.crop_size) if getattr(processor, "crop_size", None) else {"height": image_size,
                                                                                      "width": image_size}
     return CLIPImageProcessorPil(size=size, crop_size=crop, image_mean=list(processor.image_mean),

@@ -1,4 +1,10 @@
-"""LLaVA-1.5 on Llama: the `LlavaMetaModel` mixin, `LlavaLlamaModel` and `LlavaLlamaForCausalLM`.
+"""LLaVA-1.5 on any decoder LLM: `LlavaForCausalLMMixin` and the per-family classes it makes.
+
+`llava_causal_lm_class(Qwen2ForCausalLM)` is `LlavaQwen2ForCausalLM`: the family's own causal LM with the vision
+tower and the projector added to its base model (keys `model.vision_tower.*`, `model.mm_projector.*`, the layout
+of LLaVA's releases), so a plain checkpoint of that family loads into it unchanged, tied embeddings, quantisation
+and device maps included. The family code runs the decoder; this mixin only adds the images. One code path for
+every family: nothing below names one (`vir.models.families` picks the class from a config).
 
 Image tokens are expanded when text is tokenised: `input_ids` already hold `num_image_tokens` copies of
 `image_token_id` per image, so the forward pass only embeds the ids, encodes all images in one call and
@@ -9,22 +15,25 @@ attention masks, labels and position ids never change inside the model.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from typing import Optional
 
 import torch
 from torch import nn
-from transformers import LlamaForCausalLM, LlamaModel
+from transformers import LlamaForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
 
-from vir.models.configuration import LlavaLlamaConfig
-from vir.models.encoder import CLIPVisionTower
+from vir.models.configuration import llava_config_class
+from vir.models.encoder import VisionTower
 from vir.models.loss import chunked_causal_lm_loss
 from vir.models.projector import build_projector
 
 logger = logging.getLogger(__name__)
 
+# Config fields with which a family's causal LM rescales its logits in ways the chunked loss does not redo
+# (Cohere's `logit_scale`, Granite's `logits_scaling`): those families train with transformers' own loss.
+_LOGIT_SCALE_FIELDS = ("logit_scale", "logits_scaling")
 
 def splice_image_features(
     inputs_embeds: torch.Tensor, input_ids: torch.Tensor, image_features: torch.Tensor, image_token_id: int
@@ -52,74 +61,53 @@ def splice_image_features(
     return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1).expand_as(inputs_embeds), features)
 
 
-class LlavaMetaModel:
-    """Mixin for a decoder base model: adds `vision_tower` (CLIP) and `mm_projector` and encodes images."""
-
-    def init_multimodal_modules(self, config: LlavaLlamaConfig) -> None:
-        self.vision_tower = CLIPVisionTower.from_config(config)
-        # Models are often built on the meta device (transformers v5 `from_pretrained` always does, quantised
-        # and FSDP loading do, so does `with torch.device("meta")` + `load_state_dict(assign=True)`). A base
-        # Llama checkpoint has no projector weights, so a meta projector would stay without storage; build it
-        # on CPU with real values instead. `from_pretrained` still re-initialises and places keys it did not
-        # load (`_init_weights`: normal(0, initializer_range), zero bias), as `post_init` does for plain init.
-        on_meta = torch.get_default_device().type == "meta"
-        with torch.device("cpu") if on_meta else contextlib.nullcontext():
-            self.mm_projector = build_projector(config)
-
-    def get_vision_tower(self) -> CLIPVisionTower:
-        return self.vision_tower
-
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values [N, 3, H, W] -> projected features [N, num_image_tokens, hidden_size] (one tower call)."""
-        features = self.vision_tower(pixel_values)
-        projector_dtype = next(self.mm_projector.parameters(), features).dtype
-        return self.mm_projector(features.to(projector_dtype))
+def init_multimodal_modules(base_model: nn.Module, config) -> None:
+    """Add `vision_tower` and `mm_projector` to a family's base model (the module under `base_model_prefix`)."""
+    base_model.vision_tower = VisionTower.from_config(config)
+    # Models are often built on the meta device (transformers v5 `from_pretrained` always does, quantised
+    # and FSDP loading do, so does `with torch.device("meta")` + `load_state_dict(assign=True)`). A base
+    # LLM checkpoint has no projector weights, so a meta projector would stay without storage; build it
+    # on CPU with real values instead. `from_pretrained` still re-initialises and places keys it did not
+    # load (`_init_weights`: normal(0, initializer_range), zero bias), as `post_init` does for plain init.
+    on_meta = torch.get_default_device().type == "meta"
+    with torch.device("cpu") if on_meta else contextlib.nullcontext():
+        base_model.mm_projector = build_projector(config)
 
 
-class LlavaLlamaModel(LlavaMetaModel, LlamaModel):
-    """A LlamaModel that also holds the vision tower and the projector (keys `model.vision_tower.*`,
-    `model.mm_projector.*` inside LlavaLlamaForCausalLM)."""
+class LlavaForCausalLMMixin:
+    """LLaVA-1.5: vision tower -> projector -> the family's decoder, trained with the shifted CE loss.
 
-    config_class = LlavaLlamaConfig
-
-    def __init__(self, config: LlavaLlamaConfig):
-        super().__init__(config)
-        self.init_multimodal_modules(config)
-        # LlamaModel.__init__ ran post_init before the new children existed: run it again so their init,
-        # `_no_split_modules` (CLIP layers for device maps) and the like are registered too.
-        self.post_init()
-
-
-class LlavaLlamaForCausalLM(LlamaForCausalLM):
-    """LLaVA-1.5: CLIP vision tower -> projector -> Llama, trained with the standard shifted CE loss.
-
-    `forward` takes `pixel_values` [N_images, 3, H, W] for the N images of the whole batch, in the order
-    their image tokens appear (row-major). Text-only batches pass `pixel_values=None` (or N == 0): the
-    tower is not called.
+    Placed before a family's `*ForCausalLM` in the MRO (`llava_causal_lm_class`). `forward` takes
+    `pixel_values` [N_images, 3, H, W] for the N images of the whole batch, in the order their image tokens
+    appear (row-major). Text-only batches pass `pixel_values=None` (or N == 0): the tower is not called.
     """
 
-    config_class = LlavaLlamaConfig
-
-    def __init__(self, config: LlavaLlamaConfig):
-        # Skip LlamaForCausalLM.__init__, which would build (and throw away) a plain LlamaModel.
-        LlamaPreTrainedModel.__init__(self, config)
-        self.model = LlavaLlamaModel(config)
-        self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+    def __init__(self, config):
+        super().__init__(config)
+        base_model = self.get_model()
+        init_multimodal_modules(base_model, config)
+        # The family's __init__ ran post_init before the new children existed: run it again (inner model first,
+        # as transformers does depth-first) so their init, `_no_split_modules` (tower layers for device maps)
+        # and the like are registered too.
+        base_model.post_init()
         # Training loss: > 0 projects only the trained positions, this many rows at a time (vir.models.loss);
         # 0 is transformers' loss over full fp32 logits. Set from `training.loss_chunk_size`; not saved.
         self.loss_chunk_size = 0
         self.post_init()
 
-    def get_model(self) -> LlavaLlamaModel:
-        return self.model
+    def get_model(self) -> nn.Module:
+        """The family's base model (`self.model` for Llama, Qwen, Gemma, ...), which holds tower and projector."""
+        return getattr(self, self.base_model_prefix)
 
-    def get_vision_tower(self) -> CLIPVisionTower:
-        return self.model.get_vision_tower()
+    def get_vision_tower(self) -> VisionTower:
+        return self.get_model().vision_tower
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values [N, 3, H, W] -> [N, num_image_tokens, hidden_size]."""
-        return self.model.get_image_features(pixel_values)
+        """pixel_values [N, 3, H, W] -> projected features [N, num_image_tokens, hidden_size] (one tower call)."""
+        base_model = self.get_model()
+        features = base_model.vision_tower(pixel_values)
+        projector_dtype = next(base_model.mm_projector.parameters(), features).dtype
+        return base_model.mm_projector(features.to(projector_dtype))
 
     def forward(
         self,
@@ -167,13 +155,14 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM):
             # A training step has no use for a cache (building one copies every layer's keys and values), and
             # packed rows (vir.data.packing) must not have one: with a cache the mask ignores the position resets.
             use_cache = False
-        if labels is not None and self.training and self.loss_chunk_size > 0:
+        if labels is not None and self.training and self.loss_chunk_size > 0 and self.chunked_loss_applies:
             # The loss without the full logits: a training step needs nothing else (`logits` is None).
             num_items = kwargs.pop("num_items_in_batch", None)
-            outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                 cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+            outputs = self.get_model()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                       cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
             loss = chunked_causal_lm_loss(outputs.last_hidden_state, self.lm_head, labels, self.loss_chunk_size,
-                                          num_items_in_batch=num_items)
+                                          num_items_in_batch=num_items,
+                                          softcap=getattr(self.config, "final_logit_softcapping", None))
             return CausalLMOutputWithPast(loss=loss, logits=None, cache=outputs.cache)
         return super().forward(
             input_ids=input_ids,
@@ -187,6 +176,10 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM):
             **kwargs,
         )
 
+    @property
+    def chunked_loss_applies(self) -> bool:
+        """Whether `loss_chunk_size` can apply: the family's logits are `lm_head(h)`, softcapped at most."""
+        return not any(getattr(self.config, name, None) not in (None, 1, 1.0) for name in _LOGIT_SCALE_FIELDS)
     def prepare_inputs_for_generation(
         self, input_ids, cache=None, pixel_values=None, is_first_iteration=False, **kwargs
     ):
@@ -220,3 +213,22 @@ class LlavaLlamaForCausalLM(LlamaForCausalLM):
 
 def _is_prefill(cache) -> bool:
     return cache is None or cache.get_seq_length() == 0
+
+
+@functools.cache
+def llava_causal_lm_class(causal_lm_class: type) -> type:
+    """The LLaVA class for a family's causal LM (`LlamaForCausalLM` -> `LlavaLlamaForCausalLM`), built once and
+    registered with `AutoModelForCausalLM` for its config class (`llava_config_class`)."""
+    from transformers import AutoModelForCausalLM
+
+    config_class = llava_config_class(causal_lm_class.config_class)
+    name = "Llava" + causal_lm_class.__name__
+    model_class = type(name, (LlavaForCausalLMMixin, causal_lm_class), {
+        "__module__": __name__, "__qualname__": name, "config_class": config_class,
+        "__doc__": f"{causal_lm_class.__name__} + vision tower + projector. " + (LlavaForCausalLMMixin.__doc__ or ""),
+    })
+    AutoModelForCausalLM.register(config_class, model_class, exist_ok=True)
+    return model_class
+
+
+LlavaLlamaForCausalLM = llava_causal_lm_class(LlamaForCausalLM)

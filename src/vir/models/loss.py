@@ -25,20 +25,26 @@ from torch.utils.checkpoint import checkpoint
 IGNORE_INDEX = -100
 
 
-def _chunk_loss_sum(hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor) -> torch.Tensor:
+def softcap_logits(logits: torch.Tensor, softcap: Optional[float]) -> torch.Tensor:
+    """`softcap * tanh(logits / softcap)` (Gemma 2/3's `final_logit_softcapping`); unchanged when None."""
+    return logits if softcap is None else torch.tanh(logits / softcap) * softcap
+
+
+def _chunk_loss_sum(hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor,
+                    softcap: Optional[float] = None) -> torch.Tensor:
     # The module itself, not F.linear on its weight: DeepSpeed ZeRO-3 gathers the weight in its forward hook.
-    return F.cross_entropy(lm_head(hidden).float(), targets, reduction="sum")
+    return F.cross_entropy(softcap_logits(lm_head(hidden), softcap).float(), targets, reduction="sum")
 
 
 def _chunked_loss_sum(selected: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor,
-                      chunk_size: int) -> torch.Tensor:
+                      chunk_size: int, softcap: Optional[float] = None) -> torch.Tensor:
     total = selected.new_zeros((), dtype=torch.float32)
     for start in range(0, selected.shape[0], chunk_size):
         part, part_targets = selected[start:start + chunk_size], targets[start:start + chunk_size]
         if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_loss_sum, part, lm_head, part_targets, use_reentrant=False)
+            total = total + checkpoint(_chunk_loss_sum, part, lm_head, part_targets, softcap, use_reentrant=False)
         else:
-            total = total + _chunk_loss_sum(part, lm_head, part_targets)
+            total = total + _chunk_loss_sum(part, lm_head, part_targets, softcap)
     return total
 
 
@@ -59,21 +65,23 @@ def fused_loss_applies(hidden: torch.Tensor, lm_head: nn.Module) -> bool:
 
 
 def chunked_causal_lm_loss(hidden_states: torch.Tensor, lm_head: nn.Linear, labels: torch.Tensor,
-                           chunk_size: int = 1024, num_items_in_batch: Optional[torch.Tensor | int] = None
-                           ) -> torch.Tensor:
+                           chunk_size: int = 1024, num_items_in_batch: Optional[torch.Tensor | int] = None,
+                           softcap: Optional[float] = None) -> torch.Tensor:
     """Shifted next-token CE of `lm_head(hidden_states)` against `labels` ([B, T], -100 ignored): the mean over
     trained positions, or their sum over `num_items_in_batch` when given (the Trainer's count across gradient
-    accumulation), as transformers' `ForCausalLMLoss` computes it."""
+    accumulation), as transformers' `ForCausalLMLoss` computes it. `softcap`: the logits go through
+    `softcap_logits` first, as Gemma's `final_logit_softcapping` does."""
     shift_hidden = hidden_states[:, :-1, :]
     shift_labels = labels[:, 1:].to(hidden_states.device)
     trained = shift_labels != IGNORE_INDEX
     selected = shift_hidden[trained]  # [M, D]
     targets = shift_labels[trained]
-    fused = _liger_loss_sum() if targets.numel() and fused_loss_applies(hidden_states, lm_head) else None
+    fused = (_liger_loss_sum() if targets.numel() and softcap is None and fused_loss_applies(hidden_states, lm_head)
+             else None)
     if fused is not None:
         total = fused(lm_head.weight, selected, targets).float()
     else:
-        total = _chunked_loss_sum(selected, lm_head, targets, chunk_size)
+        total = _chunked_loss_sum(selected, lm_head, targets, chunk_size, softcap)
     if num_items_in_batch is not None:
         denominator = torch.as_tensor(num_items_in_batch, device=total.device, dtype=torch.float32)
     else:

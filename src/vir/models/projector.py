@@ -17,8 +17,9 @@ from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
+from transformers import PreTrainedConfig
 
-from vir.models.configuration import PROJECTOR_TYPE_PATTERN, LlavaLlamaConfig, check_projector_type
+from vir.models.configuration import PROJECTOR_TYPE_PATTERN, check_projector_type, is_llava_config
 from vir.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class LlavaMultiModalProjector(nn.Sequential):
         super().__init__(*layers)
 
 
-def build_projector(config: LlavaLlamaConfig) -> nn.Module:
+def build_projector(config: PreTrainedConfig) -> nn.Module:
     """The projector named by `config.mm_projector_type`: [..., mm_hidden_size] -> [..., hidden_size]."""
     projector_type = config.mm_projector_type
     check_projector_type(projector_type)
@@ -57,7 +58,7 @@ def build_projector(config: LlavaLlamaConfig) -> nn.Module:
 def projector_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     """The projector weights under LLaVA's keys (`model.mm_projector.0.weight`, ...), detached, on CPU.
 
-    `model` may be a LlavaLlamaForCausalLM, its inner LlavaLlamaModel, or a peft model wrapping either.
+    `model` may be a LLaVA causal LM (any family), its base model, or a peft model wrapping either.
     """
     projector = _projector_module(model)
     state = {KEY_PREFIX + name: tensor.detach().cpu().clone() for name, tensor in projector.state_dict().items()}
@@ -160,7 +161,7 @@ def _projector_module(model: nn.Module) -> nn.Module:
     base = base.get_model() if hasattr(base, "get_model") else base
     projector = getattr(base, "mm_projector", None)
     if projector is None:
-        raise TypeError(f"{type(model).__name__} has no mm_projector; expected a LlavaLlamaForCausalLM")
+        raise TypeError(f"{type(model).__name__} has no mm_projector; expected a LLaVA model")
     if hasattr(projector, "modules_to_save") and hasattr(projector, "active_adapters"):
         projector = projector.modules_to_save[projector.active_adapters[0]]
     return projector
@@ -180,9 +181,9 @@ def _check_keys(model: nn.Module, found: set, source: str) -> None:
         )
 
 
-def _config_of(model: nn.Module) -> LlavaLlamaConfig:
+def _config_of(model: nn.Module) -> PreTrainedConfig:
     config = getattr(model, "config", None)
-    if not isinstance(config, LlavaLlamaConfig):
+    if config is None or not is_llava_config(config):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         config = base.config
     return config

@@ -26,9 +26,17 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
-from vir.models.builder import DTYPES, build_model_config, build_tokenizer, llm_fields_from_sizes, vision_config
-from vir.models.configuration import LlavaLlamaConfig
-from vir.models.llava_arch import LlavaLlamaForCausalLM
+from transformers import PreTrainedConfig
+
+from vir.models.builder import (
+    DTYPES,
+    build_model_config,
+    build_tokenizer,
+    llm_fields_from_sizes,
+    random_init_family,
+    vision_config,
+)
+from vir.models.families import llava_classes, llava_model_class
 from vir.training.batching import batch_layout
 from vir.training.deepspeed_config import resolve_deepspeed
 from vir.training.modes import lora_target_modules
@@ -77,14 +85,16 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
-def planning_config(model_cfg: Any, vocab_size: Optional[int] = None) -> LlavaLlamaConfig:
-    """A LlavaLlamaConfig with the shapes a run of `model.*` trains. With `model.llm.path` it is the run's own
-    (`build_model_config`: the checkpoint's shapes, the vocabulary grown for its tokenizer); without it, the
-    size fields and `vocab_size` (default Llama-3's 128256), no tokenizer needed."""
+def planning_config(model_cfg: Any, vocab_size: Optional[int] = None) -> PreTrainedConfig:
+    """The LLaVA config (of the LLM's family) with the shapes a run of `model.*` trains. With `model.llm.path` it
+    is the run's own (`build_model_config`: the checkpoint's shapes, the vocabulary grown for its tokenizer);
+    without it, the size fields of `model.llm` (family `model.llm.model_type`) and `vocab_size` (else
+    `model.llm.vocab_size`, else Llama-3's 128256), no tokenizer needed."""
     if model_cfg.llm.path:
         return build_model_config(model_cfg, build_tokenizer(model_cfg))
-    vocab = vocab_size or LLAMA3_VOCAB
-    return LlavaLlamaConfig(vocab_size=vocab, image_token_id=vocab - 1,
+    vocab = vocab_size or getattr(model_cfg.llm, "vocab_size", None) or LLAMA3_VOCAB
+    config_class = llava_classes(random_init_family(model_cfg.llm))[0]
+    return config_class(vocab_size=vocab, image_token_id=vocab - 1,
                             vision_config=vision_config(model_cfg.vision_tower),
                             mm_projector_type=model_cfg.projector_type,
                             mm_vision_select_layer=model_cfg.vision_tower.select_layer,
@@ -175,7 +185,7 @@ def plan_memory(cfg: Any, vocab_size: Optional[int] = None, world_size: Optional
     world = world_size or plan_cfg.world_size
     config = planning_config(cfg.model, vocab_size or plan_cfg.vocab_size)
     with torch.device("meta"):
-        model = LlavaLlamaForCausalLM(config)
+        model = llava_model_class(config)(config)
     zero = zero_settings(training)
     state = state_bytes(cfg, model, world, zero)
     micro, accumulation = batch_layout(training, world)
@@ -214,7 +224,7 @@ def plan_memory(cfg: Any, vocab_size: Optional[int] = None, world_size: Optional
                       zero["stage"])
 
 
-def layer_saved_bytes(config: LlavaLlamaConfig, dtype_bytes: int, kind: str, lora_r: int = 0,
+def layer_saved_bytes(config: PreTrainedConfig, dtype_bytes: int, kind: str, lora_r: int = 0,
                       lora_dropout: float = 0.0) -> int:
     """Bytes one Llama decoder layer saves for backward per token: `kind` is "frozen" (nothing in it trains, the
     gradient still flows to the image features), "full" (its weights train) or "lora" (peft LoRA on all seven
@@ -227,7 +237,8 @@ def layer_saved_bytes(config: LlavaLlamaConfig, dtype_bytes: int, kind: str, lor
       fp32 mask and output (8 bytes), or without dropout the fp32 copy of the input peft makes (4 bytes; in fp32
       only the two norm outputs and the MLP product, which the frozen base no longer keeps)."""
     h, i, d = config.hidden_size, config.intermediate_size, dtype_bytes
-    h_kv = h * config.num_key_value_heads // config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    h_kv = head_dim * config.num_key_value_heads
     shared = 2 * d * h_kv + 4 * config.num_attention_heads + 8
     if kind == "full":
         return shared + (4 * d + 12) * h + 4 * d * i

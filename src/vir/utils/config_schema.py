@@ -18,10 +18,15 @@ from hydra.core.config_store import ConfigStore
 
 @dataclass
 class LLMConfig:
-    """The language model. `path` points at a local HF Llama directory and must be given (`???` until then);
-    `null` builds a random-init Llama from the size fields below (model=tiny, tests, the embedded demo)."""
+    """The language model. `path` points at a local HF directory of any decoder-only causal LM (Llama, Mistral,
+    Qwen2/3, Gemma 2/3, Phi-3, ...: its config.json says which) and must be given (`???` until then); `null`
+    builds a random-init LLM of the family `model_type` from the size fields below (model=tiny, tests, the
+    embedded demo, the planner's real shapes)."""
 
     path: Optional[str] = "???"
+    # The fields below shape a random-init LLM only (`path: null`); with a path, its config.json decides.
+    model_type: str = "llama"  # the decoder family: llama | mistral | qwen2 | qwen3 | gemma2 | gemma3_text | phi3 ...
+    vocab_size: Optional[int] = None  # null: the tokenizer's length
     hidden_size: int = 64
     intermediate_size: int = 128
     num_hidden_layers: int = 2
@@ -29,6 +34,9 @@ class LLMConfig:
     num_key_value_heads: int = 2
     max_position_embeddings: int = 4096
     rope_theta: float = 500000.0
+    head_dim: Optional[int] = None  # null: hidden_size / num_attention_heads
+    tie_word_embeddings: Optional[bool] = None  # null: the family's default (tied for Gemma)
+    extra_config: Dict[str, Any] = field(default_factory=dict)  # any other field of the family's config
     dtype: str = "float32"  # float32 | bfloat16 | float16
     attn_implementation: str = "sdpa"
     # QLoRA: load the LLM's linear layers in 4-bit nf4 (or 8-bit) with bitsandbytes; the vision tower, the
@@ -39,10 +47,11 @@ class LLMConfig:
 
 @dataclass
 class VisionTowerConfig:
-    """The CLIP vision tower. `path` points at a local HF CLIP (or CLIPVision) directory and must be given;
-    `null` builds a random-init tower from the size fields below."""
+    """The vision tower. `path` points at a local HF CLIP or SigLIP directory (full or vision-only) and must be
+    given; `null` builds a random-init tower of the kind `model_type` from the size fields below."""
 
     path: Optional[str] = "???"
+    model_type: str = "clip_vision_model"  # clip_vision_model | siglip_vision_model (random init only)
     image_size: int = 336
     patch_size: int = 14
     hidden_size: int = 1024
@@ -50,7 +59,7 @@ class VisionTowerConfig:
     num_hidden_layers: int = 24
     num_attention_heads: int = 16
     select_layer: int = -2  # LLaVA's mm_vision_select_layer
-    select_feature: str = "patch"  # patch (drop CLS) | cls_patch
+    select_feature: str = "patch"  # patch (every patch token; CLIP's CLS dropped) | cls_patch (CLIP only)
     freeze: bool = True
 
 
