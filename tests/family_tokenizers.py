@@ -18,7 +18,7 @@ import random
 from pathlib import Path
 from typing import Optional
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from tokenizers import trainers
 from transformers import PreTrainedTokenizerFast
 

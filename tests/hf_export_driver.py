@@ -1,6 +1,6 @@
 """Load an export with plain transformers, with `vir` made unimportable, and record what it computes.
 
-    python hf_export_driver.py EXPORT_DIR CASES.json OUT.pt
+    python hf_export_driver.py EXPORT_DIR CASES.json OUT.pt [EXPORT_DIR CASES.json OUT.pt ...]
 
 CASES.json: [{"name", "images": [paths], "question"}]. For each case: the processor's chat-template prompt ids,
 pixel values, the logits of the prompt, and greedy ids (`max_new_tokens` 8). Written with torch.save.
@@ -48,4 +48,6 @@ def main(export_dir: str, cases_file: str, out_file: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    arguments = sys.argv[1:]
+    for start in range(0, len(arguments), 3):  # several exports in one process: one start-up for all
+        main(*arguments[start:start + 3])

@@ -114,7 +114,8 @@ CASES = {
     "quantised full fine-tuning": (lambda t: ["training=stage2_full", "model.llm.quantization=nf4"],
                                    r"model.llm.quantization=nf4 .*stage2_lora \(QLoRA\), not stage2_full"),
     "plain template in stage 2": (lambda t: ["data.template=plain"],
-                                  r"data.template=plain .* training.mode=stage2_lora .* use data.template=llama3"),
+                                  r"data.template=plain .* training.mode=stage2_lora .* \(data.template=auto, or one "
+                                  r"of llama3, "),
     "no global batch": (lambda t: ["training.global_batch_size=0"], r"training.global_batch_size=0 must be >= 1"),
     "projector of another model": (lambda t: [f"model.pretrained_projector={_wrong_projector(t)}"],
                                    r"model.pretrained_projector=.* does not fit this model .*vision width 32"),

@@ -73,7 +73,7 @@ def _vir_usage(run: Path) -> list:
         "",
         f"`{run}` as one stand-alone checkpoint: full weights, `mm_projector.bin`, tokenizer, image processor and",
         "`vir_config.yaml`. `vir-eval PATH`, `vir-chat PATH` and `vir.models.checkpoint.load_run(PATH)` load it;",
-        "its `config.json` (`model_type` llava_llama, the `mm_*` fields) and key names are LLaVA's own.",
+        "its `config.json` (`model_type` llava_<family>, the `mm_*` fields) and key names are LLaVA's own.",
         "",
         "- Images are padded to a square with the mean colour (`image_aspect_ratio`: pad) or centre-cropped "
         "(crop), as the config says; vir's loaders do it.",

@@ -2,8 +2,14 @@
 
     export_hf_llava("runs/my_run", "exports/my_run")     # LoRA merged, safetensors, processor, model card
 
-The weights are renamed, never changed (`hf_state_dict`): the LLM under `model.language_model.*`, the CLIP tower
-under `model.vision_tower.*`, the projector's two linear layers under `model.multi_modal_projector.linear_1/2`.
+The weights are renamed, never changed (`hf_state_dict`): the LLM under `model.language_model.*` (its family's
+`text_config`: Llama, Mistral, Qwen, Gemma, Phi, ...), the CLIP or SigLIP tower under `model.vision_tower.*`
+(`vision_feature_select_strategy` `default` drops CLIP's CLS token, `full` keeps every SigLIP token), the
+projector's two linear layers under `model.multi_modal_projector.linear_1/2`.
+
+One difference transformers' Llava imposes: it computes `lm_head(h)` and never applies a family's
+`final_logit_softcapping` (Gemma 2/3). Such an export's logits are the un-capped ones; since the cap is a monotone
+`c * tanh(x / c)`, greedy answers and token rankings are unchanged.
 The processor is transformers' own: a `LlavaImageProcessorPil` that pads to a square with the mean colour
 (`do_pad`, LLaVA-1.5's `pad`) or centre-crops (`crop`), the run's tokenizer, and a chat template that renders
 what training rendered (`vir.export.chat_template`).
@@ -19,21 +25,17 @@ from typing import Dict, Optional
 
 import torch
 from omegaconf import DictConfig
-from transformers import (
-    GenerationConfig,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlavaProcessor,
-)
+from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, PreTrainedConfig
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
-from vir.data.templates import EOT
+from vir.data.conversation import Message
+from vir.data.templates import build_generation_prompt, generation_stop_ids
 from vir.export.card import write_model_card
 from vir.export.destination import check_destination, staged_export
-from vir.export.chat_template import llama3_chat_template, plain_chat_template
+from vir.export.chat_template import chat_template_for
 from vir.models.checkpoint import ADAPTER_CONFIG_FILE, PathLike, load_run
-from vir.models.configuration import LlavaLlamaConfig
+from vir.models.configuration import has_cls_token
+from vir.models.families import text_config_class
 from vir.models.hf_import import HF_PROJECTOR_LAYERS
 from vir.utils.errors import UserError
 
@@ -48,7 +50,8 @@ class ExportError(UserError):
 
 
 def hf_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Our `LlavaLlamaForCausalLM` keys -> `LlavaForConditionalGeneration` keys (same tensors; pure)."""
+    """Our LLaVA model's keys (any family whose base model sits under `model.`) -> `LlavaForConditionalGeneration`
+    keys (same tensors; pure)."""
     out = {}
     for key, tensor in state_dict.items():
         if key.startswith(_TOWER_PREFIX):
@@ -68,44 +71,69 @@ def hf_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor
     return out
 
 
-def hf_llava_config(config: LlavaLlamaConfig) -> LlavaConfig:
-    """The `LlavaConfig` of our config: text and vision shapes, image token, feature layer and strategy."""
+def feature_select_strategy(config: PreTrainedConfig) -> str:
+    """transformers' name for our feature selection: `default` drops CLIP's CLS token, `full` keeps every token."""
+    dropped = config.mm_vision_select_feature == "patch" and has_cls_token(config.vision_config)
+    return "default" if dropped else "full"
+
+
+def hf_llava_config(config: PreTrainedConfig) -> LlavaConfig:
+    """The `LlavaConfig` of our config: the family's text config, the vision config, image token, feature layer
+    and strategy."""
     if config.mm_projector_type != "mlp2x_gelu":
         raise ExportError(f"model.projector_type={config.mm_projector_type}: transformers' Llava has one projector, "
                           "Linear -> GELU -> Linear (mlp2x_gelu); export with --format llava instead")
-    text = {k: v for k, v in config.to_dict().items() if k in LlamaConfig().to_dict() and k != "model_type"}
-    for key in ("architectures", "transformers_version", "_name_or_path", "dtype", "torch_dtype"):
+    family_config = text_config_class(config.text_model_type)
+    known = set(family_config().to_dict())
+    text = {k: v for k, v in config.to_dict().items() if k in known}
+    for key in ("model_type", "architectures", "transformers_version", "_name_or_path", "dtype", "torch_dtype"):
         text.pop(key, None)
-    text_config = LlamaConfig(**text)
+    text_config = family_config(**text)
     return LlavaConfig(
         vision_config=config.vision_config.to_dict(),
         text_config=text_config.to_dict(),
         image_token_index=config.image_token_id,
         image_seq_length=config.num_image_tokens,
         projector_hidden_act="gelu",
-        vision_feature_select_strategy="default" if config.mm_vision_select_feature == "patch" else "full",
+        vision_feature_select_strategy=feature_select_strategy(config),
         vision_feature_layer=config.mm_vision_select_layer,
         multimodal_projector_bias=True,
         tie_word_embeddings=bool(config.tie_word_embeddings),
     )
 
 
-def hf_processor(tokenizer, image_processor, config: LlavaLlamaConfig, run_config: DictConfig) -> LlavaProcessor:
-    """transformers' `LlavaProcessor` doing what our data pipeline does (see module doc)."""
+def hf_processor(tokenizer, image_processor, config: PreTrainedConfig, run_config: DictConfig) -> LlavaProcessor:
+    """transformers' `LlavaProcessor` doing what our data pipeline does (see module doc). A SigLIP tower's processor
+    resizes to a square without a crop: the Llava one gets the same size as its crop and no centre crop."""
     data = run_config.data
+    size = {k: v for k, v in dict(image_processor.size).items() if v is not None}
+    crop = getattr(image_processor, "crop_size", None)
+    crop = {k: v for k, v in dict(crop).items() if v is not None} if crop is not None else dict(size)
     image_llava = LlavaImageProcessorPil(
-        size=dict(image_processor.size), crop_size=dict(image_processor.crop_size),
+        size=size, crop_size=crop, do_center_crop=bool(getattr(image_processor, "do_center_crop", False)),
         image_mean=list(image_processor.image_mean), image_std=list(image_processor.image_std),
         resample=image_processor.resample, do_pad=data.image_aspect_ratio == "pad", do_convert_rgb=True,
     )
     image_token = run_config.model.image_token
-    template = (plain_chat_template(image_token) if data.template == "plain"
-                else llama3_chat_template(data.system_prompt, image_token))
+    template = chat_template_for(data.template, tokenizer, data.system_prompt, image_token)
     tokenizer.chat_template = template
-    select = "default" if config.mm_vision_select_feature == "patch" else "full"
+    _no_implicit_bos(tokenizer, data.template, config)
     return LlavaProcessor(image_processor=image_llava, tokenizer=tokenizer, patch_size=config.vision_config.patch_size,
-                          vision_feature_select_strategy=select, chat_template=template, image_token=image_token,
-                          num_additional_image_tokens=1)
+                          vision_feature_select_strategy=feature_select_strategy(config), chat_template=template,
+                          image_token=image_token,
+                          num_additional_image_tokens=1 if has_cls_token(config.vision_config) else 0)
+
+
+def _no_implicit_bos(tokenizer, template: str, config: PreTrainedConfig) -> None:
+    """Stop the tokenizer adding a bos that training's prompts do not start with (Phi-3's template writes none), in
+    place: transformers' processor tokenizes a rendered prompt with the tokenizer's special tokens unless it starts
+    with bos, while training rendered it as `apply_chat_template` does, without them."""
+    if tokenizer.bos_token is None or tokenizer("a")["input_ids"][:1] != [tokenizer.bos_token_id]:
+        return
+    prompt = build_generation_prompt([Message("user", "a")], tokenizer, template, config.image_token_id,
+                                     config.num_image_tokens)
+    if prompt[:1] != [tokenizer.bos_token_id]:
+        tokenizer.add_bos_token = False
 
 
 def export_hf_llava(run_dir: PathLike, out_dir: PathLike, merge: bool = True,
@@ -135,7 +163,8 @@ def export_hf_llava(run_dir: PathLike, out_dir: PathLike, merge: bool = True,
     if missing:
         raise ExportError(f"the run's weights lack {sorted(missing)[:5]} for LlavaForConditionalGeneration")
     hf_model.load_state_dict(renamed, strict=True, assign=True)
-    hf_model.generation_config = _generation_config(tokenizer)
+    hf_model.generation_config = _generation_config(tokenizer, run_config.data.template,
+                                                    getattr(base, "generation_config", None))
     processor = hf_processor(tokenizer, image_processor, config, run_config)
     with staged_export(run, out, "hf") as staging:
         hf_model.save_pretrained(str(staging), max_shard_size=max_shard_size)
@@ -152,12 +181,10 @@ def export_hf_llava(run_dir: PathLike, out_dir: PathLike, merge: bool = True,
     return out
 
 
-def _generation_config(tokenizer) -> GenerationConfig:
-    """Greedy by default; stops at `<|eot_id|>` (the end of a turn) and at the tokenizer's eos."""
-    stops = [tokenizer.eos_token_id]
-    eot = tokenizer.convert_tokens_to_ids(EOT)
-    if eot is not None and eot != tokenizer.unk_token_id and eot not in stops:
-        stops.append(eot)
+def _generation_config(tokenizer, template: str, model_generation_config=None) -> GenerationConfig:
+    """Greedy by default; stops at the template's end-of-turn token, the tokenizer's eos and every eos id of the
+    checkpoint's own generation config (`generation_stop_ids`)."""
+    stops = generation_stop_ids(template, tokenizer, model_generation_config)
     return GenerationConfig(do_sample=False, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
                             bos_token_id=tokenizer.bos_token_id)
 

@@ -160,8 +160,10 @@ def _check_options(cfg: Any) -> None:
             raise ConfigError("model.llm.quantization needs model.llm.path: quantisation loads a pretrained "
                               "checkpoint (a random-init LLM has nothing worth quantising)")
     if cfg.data.template == "plain" and t.mode != "stage1":
+        named = ", ".join(name for name in TEMPLATES if name not in ("plain", "auto"))
         raise ConfigError(f"data.template=plain is LLaVA's stage-1 caption format (no chat turns); "
-                          f"training.mode={t.mode} trains conversations: use data.template=llama3")
+                          f"training.mode={t.mode} trains conversations: use the chat template of the LLM's family "
+                          f"(data.template=auto, or one of {named})")
     for key, value in (("data.pack_row_tokens", cfg.data.pack_row_tokens),
                        ("training.max_tokens_per_batch", t.max_tokens_per_batch)):
         if value is not None and value < 1:

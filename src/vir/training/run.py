@@ -18,6 +18,7 @@ from vir.data.accounting import LEDGER_FILE, RecordLedger
 from vir.data.collator import DataCollatorForSupervisedDataset
 from vir.data.conversation import IGNORE_INDEX
 from vir.data.dataset import LazySupervisedDataset
+from vir.data.templates import check_template
 from vir.inference.generate import answer_predictor
 from vir.models.builder import build_inputs, build_model
 from vir.models.hf_import import apply_init_from_hf
@@ -133,6 +134,7 @@ def run_training(cfg: DictConfig, visualizer_samples: Optional[list] = None) -> 
 def _train(cfg: DictConfig, output_dir: Path, claim: Claim, visualizer_samples: Optional[list]) -> TrainOutcome:
     resume = claim.resume
     tokenizer, image_processor, model_config = build_inputs(cfg)
+    check_template(cfg.data.template, tokenizer)  # its special tokens are in this LLM's tokenizer
     check_projector_fits(cfg, model_config)
     datasets = {
         split: LazySupervisedDataset.from_config(cfg.data, split, tokenizer, image_processor,
