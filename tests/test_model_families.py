@@ -196,3 +196,58 @@ def test_the_tower_of_a_saved_run_must_match_the_configured_kind(tmp_path_factor
     with pytest.raises(Exception, match="holds a siglip_vision_model tower but the model was configured with a "
                                         "clip_vision_model one"):
         model.get_vision_tower().load_pretrained_weights(tower_dir(tmp_path_factory, "siglip"))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_each_family_reads_packed_rows_as_the_separate_samples(name, built):
+    """Two samples in one row (position ids restarting, no attention mask) give the padded batch's loss: no family
+    lets a sample attend across the boundary."""
+    from vir.data.collator import DataCollatorForSupervisedDataset
+    from vir.data.packing import pack_batch
+
+    model, tokenizer, _, _ = built(name)
+    config = model.config
+    input_ids, attention_mask, labels = _batch(tokenizer, config)
+    size = config.vision_config.image_size
+    items = [{"input_ids": ids[mask.bool()].tolist(), "labels": lab[mask.bool()].tolist()}
+             for ids, mask, lab in zip(input_ids, attention_mask, labels)]
+    for item in items:
+        item["labels"][0] = -100  # packing never trains a sample's first token: nor does the padded reference here
+    pixel_values = torch.randn(1, 3, size, size)
+    items[0]["pixel_values"], items[1]["pixel_values"] = pixel_values, torch.zeros(0, 3, size, size)
+    padded = DataCollatorForSupervisedDataset(tokenizer.pad_token_id)(items)
+    packed = pack_batch(items, tokenizer.pad_token_id, row_tokens=sum(len(i["input_ids"]) for i in items))
+    assert packed["input_ids"].shape[0] == 1
+    with torch.no_grad():
+        reference = model(**padded).loss
+        together = model(**packed).loss
+    torch.testing.assert_close(together, reference, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["qwen2", "gemma2", "phi3"])
+def test_qlora_trains_a_step_on_each_kind_of_family(name, tmp_path_factory, tmp_path):
+    """nf4 on a tied-embedding Qwen2, a softcapped Gemma 2 and Phi-3's fused projections: the decoder's linears
+    go 4-bit, the head and tower stay full precision, LoRA trains."""
+    from training_fixtures import Bases, run_overrides, synthetic_data
+    from vir.training.run import run_training
+
+    case = FAMILY_CASES[name]
+    bases = Bases(synthetic_data(tmp_path_factory), family_llm_dir(tmp_path_factory, name),
+                  tower_dir(tmp_path_factory, case.tower))
+    overrides = [o for o in run_overrides(bases, tmp_path / "run", "stage2_lora")
+                 if not o.startswith(("data.template=", "training.max_steps=", "model.model_max_length="))]
+    outcome = run_training(compose_config([*overrides, f"data.template={case.template}", "training.max_steps=1",
+                                           "model.llm.quantization=nf4", "model.llm.dtype=bfloat16",
+                                           "model.model_max_length=256"]))
+    assert outcome.global_step == 1
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+
+
+def test_vir_train_refuses_an_encoder_decoder_llm_with_exit_status_2(tmp_path_factory, tmp_path, monkeypatch, capsys):
+    from training_fixtures import vir_train_fails
+
+    _saved(tmp_path / "t5", T5Config())
+    overrides = [*family_overrides(tmp_path_factory, "qwen2"), f"model.llm.path={tmp_path / 't5'}",
+                 f"data.train_path={tmp_path / 'train.json'}", f"training.output_dir={tmp_path / 'run'}"]
+    line = vir_train_fails(monkeypatch, capsys, overrides)
+    assert f"model.llm.path={tmp_path / 't5'} holds a 't5' model" in line and "decoder-only causal LM" in line
