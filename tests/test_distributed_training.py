@@ -98,3 +98,37 @@ def test_the_saved_projector_is_whole_and_matches_one_process(runs, name):
         saved = torch.load(directory / "mm_projector.bin", weights_only=True)
         assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in one.items()}
         assert max(float((saved[k] - one[k]).abs().max()) for k in one) < 1e-6
+
+
+def test_zero3_trains_a_tied_embedding_family_as_one_process_does(tmp_path_factory):
+    """Qwen2 with tied embeddings and a SigLIP tower under ZeRO-3 on 2 processes: the losses of one process."""
+    from family_models import family_llm_dir, tower_dir
+    from training_fixtures import synthetic_data
+    from vir.training.run import run_training
+    from vir.utils.config import compose_config
+
+    data = synthetic_data(tmp_path_factory)
+    root = tmp_path_factory.mktemp("zero3_qwen2")
+    common = [
+        "model=tiny", "training=stage2_lora", f"data.train_path={data.train}", f"data.image_folder={data.root}",
+        f"model.llm.path={family_llm_dir(tmp_path_factory, 'qwen2')}", "data.template=chatml",
+        f"model.vision_tower.path={tower_dir(tmp_path_factory, 'siglip')}", "model.model_max_length=256",
+        "training.max_steps=2", "training.global_batch_size=8", "training.per_device_train_batch_size=8",
+        "training.logging_steps=1", "training.report_to=[]", "training.learning_rate=1e-3", "training.lora_r=8",
+        "training.lora_alpha=16", "training.lora_dropout=0.0", "training.warmup_ratio=0.0",
+        "training.mm_projector_lr=null", "training.save_steps=500",
+    ]
+    one = run_training(compose_config([*common, f"training.output_dir={root / 'one'}"]))
+    assert one.global_step == 2
+    command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2", str(DRIVER),
+               str(root / "zero3"), *common, f"training.output_dir={root / 'zero3' / 'run'}",
+               "training.deepspeed=zero3"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def losses(run_dir):
+        history = json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
+        return [row["loss"] for row in history if "loss" in row]
+
+    assert losses(root / "zero3" / "run") == pytest.approx(losses(root / "one"), rel=1e-5)
