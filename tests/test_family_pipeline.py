@@ -20,7 +20,7 @@ from training_fixtures import Bases, run_overrides, synthetic_data
 from vir.cli import chat as chat_cli
 from vir.data.conversation import Message
 from vir.data.images import open_user_image, preprocess_images
-from vir.data.templates import build_generation_prompt
+from vir.data.templates import build_generation_prompt, generation_stop_ids, get_template
 from vir.export.hf_llava import export_hf_llava
 from vir.models.checkpoint import load_run
 from vir.models.loss import softcap_logits
@@ -90,6 +90,13 @@ def test_each_family_exports_what_its_run_computes(name, pipeline, capsys):
 
     model, tokenizer, processor, run_config = load_run(result["run"], merge_adapter=True, device="cpu")
     assert run_config.data.template == case.template
+    # The export stops where the run's chat stops: at the template's end-of-turn token (`<|im_end|>`,
+    # `<end_of_turn>`, Phi-3's `<|end|>`, ...) and at eos.
+    stops = json.loads((result["export"] / "generation_config.json").read_text())["eos_token_id"]
+    assert stops == generation_stop_ids(case.template, tokenizer, model.generation_config)
+    end_of_turn = {tokenizer.convert_tokens_to_ids(t) for t in get_template(case.template).stop_tokens(tokenizer)}
+    assert end_of_turn and end_of_turn <= set(stops)
+    assert tokenizer.eos_token_id in stops
     softcap = getattr(model.config, "final_logit_softcapping", None)  # transformers' Llava does not cap (module doc)
     for item in cases:
         images = [open_user_image(p) for p in item["images"]]
