@@ -102,8 +102,8 @@ CASES = {
                                             r"a run writes"),
     "save every 0 steps": (lambda t: ["training.save_steps=0"], r"training.save_steps=0 must be a finite number >= 1"),
     "LLM directory of a tower": (lambda t: [f"model.llm.path={_tower_dir(t)}"],
-                                 r"model.llm.path=.* holds a 'clip_vision_model' model; model.llm.path takes "
-                                 r"llama or llava_llama"),
+                                 r"model.llm.path=.* holds a 'clip_vision_model' model \(not a causal language "
+                                 r"model transformers knows\); model.llm.path takes a decoder-only causal LM"),
     "tower directory of an LLM": (lambda t: [f"model.vision_tower.path={_llm_dir(t)}"],
                                   r"model.vision_tower.path=.* holds a 'llama' model; model.vision_tower.path takes "
                                   r"clip or clip_vision_model"),
