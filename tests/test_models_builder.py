@@ -210,21 +210,55 @@ def test_a_saved_llava_dir_without_its_projector_is_reported(tmp_path, tokenizer
     assert "LOAD REPORT" not in caplog.text
 
 
-def test_the_8b_model_group_builds_the_real_shape_without_weights(tokenizer_dir):
-    """model=llama3_8b_clip_l336 with null paths: Llama-3-8B's and CLIP-L/336's shapes, on the meta device."""
-    from vir.models.builder import build_model_config
+def _decoder_layer(h: int, i: int, heads: int, kv_heads: int, qkv_bias: bool = False) -> int:
+    """Weights of a Llama-style decoder layer: q and o (h x h), k and v (h x kv width), gate, up and down (h x i),
+    two RMSNorms; Qwen2's q/k/v biases."""
+    kv = h // heads * kv_heads
+    return 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h + ((h + 2 * kv) if qkv_bias else 0)
 
-    cfg = compose_config(["model=llama3_8b_clip_l336", "model.llm.path=null", "model.vision_tower.path=null",
+
+# group: (family, (hidden, intermediate, layers, heads, kv heads), vocabulary, decoder weights, LLM weights (embeddings,
+# lm_head and final norm included) within 1 %, tower weights range, image tokens, tower width)
+MODEL_GROUPS = {
+    "llama3_8b_clip_l336": ("llama", (4096, 14336, 32, 32, 8), None, 32 * _decoder_layer(4096, 14336, 32, 8), None,
+                            (0.30e9, 0.31e9), 576, 1024),
+    "vicuna7b_clip_l336": ("llama", (4096, 11008, 32, 32, 32), 32000, 32 * _decoder_layer(4096, 11008, 32, 32), 6.74e9,
+                           (0.30e9, 0.31e9), 576, 1024),
+    "mistral7b_clip_l336": ("mistral", (4096, 14336, 32, 32, 8), 32000, 32 * _decoder_layer(4096, 14336, 32, 8), 7.24e9,
+                            (0.30e9, 0.31e9), 576, 1024),
+    "qwen2_5_7b_siglip_so400m": ("qwen2", (3584, 18944, 28, 28, 4), 152064,
+                                 28 * _decoder_layer(3584, 18944, 28, 4, qkv_bias=True), 7.62e9, (0.40e9, 0.43e9), 729,
+                                 1152),
+}
+
+
+@pytest.mark.parametrize("group", list(MODEL_GROUPS))
+def test_each_real_model_group_builds_its_real_shape_without_weights(tokenizer_dir, group):
+    """model=<group> with null paths: the published checkpoints' shapes (Llama-3-8B, Vicuna-7B v1.5, Mistral-7B v0.2,
+    Qwen2.5-7B; CLIP-L/336, SigLIP so400m/14-384), on the meta device, with the project's small tokenizer and
+    `model.llm.vocab_size` giving the real vocabulary."""
+    from vir.models.builder import build_model_config
+    from vir.models.families import llava_model_class
+
+    family, sizes, vocab, decoder, llm_total, tower_range, image_tokens, tower_width = MODEL_GROUPS[group]
+    cfg = compose_config([f"model={group}", "model.llm.path=null", "model.vision_tower.path=null",
                           f"model.tokenizer_path={tokenizer_dir}"])
     tokenizer = build_tokenizer(cfg.model)
     config = build_model_config(cfg.model, tokenizer)
-    assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers) == (4096, 14336, 32)
-    assert (config.num_attention_heads, config.num_key_value_heads) == (32, 8)
-    assert config.num_image_tokens == 576 and config.mm_hidden_size == 1024
+    assert config.text_model_type == family
+    assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.num_attention_heads,
+            config.num_key_value_heads) == sizes
+    assert config.num_image_tokens == image_tokens and config.mm_hidden_size == tower_width
+    if vocab is not None:  # the real vocabulary, not the test tokenizer's few hundred tokens
+        assert len(tokenizer) < vocab == config.vocab_size
     with torch.device("meta"):
-        model = LlavaLlamaForCausalLM(config)
-    layers = sum(p.numel() for n, p in model.named_parameters() if n.startswith("model.layers."))
-    tower = sum(p.numel() for n, p in model.named_parameters() if n.startswith("model.vision_tower."))
-    # q, o: 4096 x 4096; k, v: 4096 x 1024 (8 KV heads); gate, up, down: 4096 x 14336; two RMSNorms
-    assert layers == 32 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336 + 2 * 4096)  # 6.98e9
-    assert 0.30e9 < tower < 0.31e9  # CLIP ViT-L/14-336's vision tower
+        model = llava_model_class(config)(config)
+    params = {n: p for n, p in model.named_parameters()}  # a tied lm_head is one parameter, listed once
+    layers = sum(p.numel() for n, p in params.items() if n.startswith("model.layers."))
+    tower = sum(p.numel() for n, p in params.items() if n.startswith("model.vision_tower."))
+    projector = sum(p.numel() for n, p in params.items() if n.startswith("model.mm_projector."))
+    assert layers == decoder
+    assert tower_range[0] < tower < tower_range[1]
+    assert projector == tower_width * config.hidden_size + config.hidden_size ** 2 + 2 * config.hidden_size
+    if llm_total is not None:
+        assert sum(p.numel() for p in params.values()) - tower - projector == pytest.approx(llm_total, rel=0.01)

@@ -11,25 +11,30 @@ parameter is assigned the bytes the training path gives it:
   fp32 master copy.
 - ZeRO stages 1-3 divide optimizer states, gradients and weights over the processes; offload moves them off
   the GPU.
-Activations are the tensors a decoder layer saves for backward (`layer_saved_bytes`, read off the real layer),
-for every layer or, under gradient checkpointing, each layer's input plus one layer recomputed. Logits are the
+Activations are the tensors a decoder layer saves for backward, measured by running one layer of the LLM's own
+family at the real shapes on the meta device (`layer_bytes`), for every layer or, under gradient checkpointing,
+each layer's input plus one layer recomputed; backward through a layer adds what its backward allocates (measured
+with it). Logits are the
 loss's fp32 tensors for one chunk of positions. The peak is the largest of three moments of a step (`plan_memory`).
 `make plan-check` compares it with steps measured by `vir.planning.probe`; tests/test_planning.py repeats part.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten
 
 from transformers import PreTrainedConfig
 
 from vir.models.builder import (
     DTYPES,
+    _attention,
     build_model_config,
     build_tokenizer,
     llm_fields_from_sizes,
@@ -37,6 +42,7 @@ from vir.models.builder import (
     vision_config,
 )
 from vir.models.families import llava_classes, llava_model_class
+from vir.planning.probe import LiveBytes
 from vir.training.batching import batch_layout
 from vir.training.deepspeed_config import resolve_deepspeed
 from vir.training.modes import lora_target_modules
@@ -45,8 +51,8 @@ GB = 1024**3
 LLAMA3_VOCAB = 128256
 # Bytes per quantized weight, quantization constants included (blocks of 64: an fp32 absmax each, or with double
 # quantization an 8-bit absmax each plus an fp32 constant per 256 blocks).
-_QUANT_BYTES = {("nf4", False): 0.5 + 4 / 64, ("nf4", True): 0.5 + 1 / 64 + 4 / (64 * 256), ("int8", False): 1 + 4 / 4096,
-                ("int8", True): 1 + 4 / 4096}
+_QUANT_BYTES = {("nf4", False): 0.5 + 4 / 64, ("nf4", True): 0.5 + 1 / 64 + 4 / (64 * 256),
+                ("int8", False): 1 + 4 / 4096, ("int8", True): 1 + 4 / 4096}
 
 
 @dataclass
@@ -133,8 +139,12 @@ def state_bytes(cfg: Any, model: nn.Module, world: int, zero: Dict[str, Any]) ->
     weights = grads = optimizer = 0.0
     trainable = total = 0
     master = 4 if zero["stage"] else 0  # DeepSpeed keeps an fp32 master copy of a half-precision parameter
+    seen = set()  # tied weights (an lm_head tied to the embeddings) are one parameter, counted once
     for name, module in model.named_modules():
         for pname, param in module.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
             full = f"{name}.{pname}" if name else pname
             n = param.numel()
             total += n
@@ -192,15 +202,16 @@ def plan_memory(cfg: Any, vocab_size: Optional[int] = None, world_size: Optional
     seq = plan_cfg.sequence_length or cfg.model.model_max_length
     tokens = micro * seq
     # bf16 QLoRA keeps its frozen weights, so its residual stream, in bf16; fp16 QLoRA's are upcast to fp32
-    stream = 4 if llm.quantization != "none" and llm.dtype == "float16" else DTYPES[llm.dtype].itemsize
+    stream = torch.float32 if llm.quantization != "none" and llm.dtype == "float16" else DTYPES[llm.dtype]
     kind = {"stage2_lora": "lora", "stage2_full": "full"}.get(training.mode, "frozen")
-    layer = tokens * layer_saved_bytes(config, stream, kind, training.lora_r, training.lora_dropout)
+    measured = layer_bytes(config, stream, kind, micro, seq, training.lora_r, training.lora_dropout,
+                           _attention(llava_model_class(config), llm.attn_implementation))
+    layer = measured.saved
     # With checkpointing every layer keeps its input only, and backward recomputes one layer at a time.
-    inputs = config.num_hidden_layers * tokens * stream * config.hidden_size
+    inputs = config.num_hidden_layers * tokens * stream.itemsize * config.hidden_size
     kept = inputs if training.gradient_checkpointing else config.num_hidden_layers * layer
-    # Backward through a layer adds its largest gradients: the MLP's gate and up outputs' in the stream's dtype
-    # and a fp32 one of the same width (LoRA's input gradient, the SiLU's).
-    backward = tokens * config.intermediate_size * (2 * stream + 4)
+    # Backward through a layer adds the gradients flowing through it (the MLP's, attention's), measured with it.
+    backward = measured.backward
     # Logits at the start of backward, 12 bytes a logit in any dtype: cross-entropy's saved fp32 log-softmax, the
     # fp32 gradient arriving at it and the one it passes on (measured, tests/test_planning.py). For every position
     # with transformers' loss; for one chunk of trained positions with the chunked one (training.loss_chunk_size,
@@ -224,29 +235,139 @@ def plan_memory(cfg: Any, vocab_size: Optional[int] = None, world_size: Optional
                       zero["stage"])
 
 
-def layer_saved_bytes(config: PreTrainedConfig, dtype_bytes: int, kind: str, lora_r: int = 0,
-                      lora_dropout: float = 0.0) -> int:
-    """Bytes one Llama decoder layer saves for backward per token: `kind` is "frozen" (nothing in it trains, the
-    gradient still flows to the image features), "full" (its weights train) or "lora" (peft LoRA on all seven
-    linears). Read off transformers 5.24's LlamaDecoderLayer and peft 0.21's LoRA with saved-tensor hooks (SDPA);
-    tests/test_planning.py re-measures it, so a library that saves more fails there:
-    - every kind: k and v (2 h_kv), attention's log-sum-exp per head and the norms' rsqrt in fp32 (4 heads + 8);
-    - frozen: 12 bytes per hidden unit (norm internals, q, the attention output) and 3 of the MLP's tensors;
-      full adds what the weight gradients need: the norm outputs (4 d + 12 per hidden unit) and a 4th MLP tensor;
-    - LoRA adds a fp32 r-vector per linear (4 r each), and per input feature of each adapted linear: dropout's
-      fp32 mask and output (8 bytes), or without dropout the fp32 copy of the input peft makes (4 bytes; in fp32
-      only the two norm outputs and the MLP product, which the frozen base no longer keeps)."""
-    h, i, d = config.hidden_size, config.intermediate_size, dtype_bytes
-    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
-    h_kv = head_dim * config.num_key_value_heads
-    shared = 2 * d * h_kv + 4 * config.num_attention_heads + 8
-    if kind == "full":
-        return shared + (4 * d + 12) * h + 4 * d * i
-    frozen = shared + 12 * h + 3 * d * i
-    if kind == "frozen":
-        return frozen
-    if lora_dropout > 0:
-        adapters = 8 * (6 * h + i)
-    else:
-        adapters = 4 * (6 * h + i) if d < 4 else 4 * (2 * h + i)
-    return frozen + adapters + 7 * 4 * lora_r
+@dataclass(frozen=True)
+class LayerBytes:
+    """What one decoder layer holds for a micro-batch, in bytes: `saved`, the tensors its forward saves for backward
+    (its input and weights left out); `backward`, the most its backward allocates on top of them (the gradients
+    flowing through it, attention's and the MLP's, and the gradient arriving at its output)."""
+
+    saved: int
+    backward: int
+
+
+def layer_bytes(config: PreTrainedConfig, dtype: torch.dtype, kind: str, rows: int, seq: int, lora_r: int = 0,
+                lora_dropout: float = 0.0, attention: str = "sdpa") -> LayerBytes:
+    """One decoder layer of `config`'s family, measured on the meta device at the real shapes: `rows` x `seq`
+    tokens with the residual stream in `dtype`. `kind` is "frozen" (nothing in it trains, the gradient still flows
+    to the image features), "full" (its weights train) or "lora" (peft LoRA of rank `lora_r` on its linears, as
+    `training=stage2_lora` adapts them).
+
+    It runs the family's own code (transformers' decoder layer: Gemma 2's four norms and softcapped eager attention,
+    Qwen2's q/k/v biases, Phi-3's fused qkv and gate_up, any `head_dim`), so no per-family formula is kept:
+    - `saved` counts, once per storage, what `torch.autograd.graph.saved_tensors_hooks` sees during the layer's
+      forward (its input, position embeddings, mask and weights are not its activations);
+    - `backward` is the peak of the bytes created during `torch.autograd.grad` of the layer's output with respect
+      to its input (a dispatch mode, as `vir.planning.probe` counts a step), less what was alive before.
+    `attention` is the run's `attn_implementation`: `eager` runs transformers' eager attention (its scores and
+    probabilities, `seq` x `seq` per head, are saved); every other one (SDPA, flash-attention) is a fused kernel,
+    which saves what PyTorch's SDPA saves on the CPU: the query, keys and values, the output and a fp32
+    log-sum-exp per head and position. tests/test_planning.py measures real layers on the CPU and checks these
+    byte counts equal theirs, family by family."""
+    fields = json.dumps(config.to_dict(), sort_keys=True, default=str)
+    return _layer_bytes(type(config), fields, str(dtype).rsplit(".", 1)[-1], kind, rows, seq, lora_r,
+                        float(lora_dropout), "eager" if attention == "eager" else FUSED_ATTENTION)
+
+
+FUSED_ATTENTION = "vir_planning_fused"
+
+
+class _FusedAttention(torch.autograd.Function):
+    """A fused attention kernel's footprint (no arithmetic, for meta tensors): it saves the query, keys, values,
+    its output (laid out as the query) and a fp32 log-sum-exp per head and position, as SDPA's flash kernel does."""
+
+    @staticmethod
+    def forward(ctx, query, key, value):
+        out = torch.empty_like(query)
+        ctx.save_for_backward(query, key, value, out, query.new_empty(query.shape[:-1], dtype=torch.float32))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        query, key, value = ctx.saved_tensors[:3]
+        return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+
+
+def _fused_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    return _FusedAttention.apply(query, key, value).transpose(1, 2).contiguous(), None
+
+
+@functools.lru_cache(maxsize=None)
+def _register_fused_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
+
+    AttentionInterface.register(FUSED_ATTENTION, _fused_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(FUSED_ATTENTION, flash_attention_mask)
+
+
+# Fields of a LLaVA config that do not describe its decoder layers.
+_NOT_LAYER_FIELDS = ("model_type", "transformers_version", "architectures", "dtype", "layer_types", "_name_or_path",
+                     "vocab_size", "num_hidden_layers", "pad_token_id", "bos_token_id", "eos_token_id")
+
+
+@functools.lru_cache(maxsize=64)
+def _layer_bytes(config_class: type, fields_json: str, dtype_name: str, kind: str, rows: int, seq: int, lora_r: int,
+                 lora_dropout: float, attention: str) -> LayerBytes:
+    from unittest import mock
+
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    _register_fused_attention()
+    text_class = getattr(config_class, "text_config_class", config_class)
+    known = text_class.__dataclass_fields__
+    fields = {k: v for k, v in json.loads(fields_json).items() if k in known and k not in _NOT_LAYER_FIELDS}
+    text = text_class(**fields, num_hidden_layers=1, vocab_size=16, pad_token_id=None, bos_token_id=None,
+                      eos_token_id=None)  # one layer, of the family's first layer type; no embeddings to speak of
+    dtype = getattr(torch, dtype_name)
+    with torch.device("meta"):
+        model = MODEL_MAPPING[text_class]._from_config(text, dtype=dtype, attn_implementation=attention)
+    model.train()
+    model.requires_grad_(kind == "full")
+    layer = model.layers[0]
+    if kind == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=lora_dropout, bias="none",
+                                         target_modules=lora_target_modules(model)))
+    saved: Dict[int, int] = {}
+    inputs: Dict[str, Any] = {}
+    hooks = torch.autograd.graph.saved_tensors_hooks(_remember(saved), lambda tensor: tensor)
+
+    def enter(module, args, kwargs):
+        inputs["hidden"] = args[0] if args else kwargs["hidden_states"]
+        inputs["not_activations"] = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        hooks.__enter__()
+
+    def leave(module, args, kwargs, output):
+        hooks.__exit__(None, None, None)
+        inputs["output"] = output[0] if isinstance(output, tuple) else output
+
+    handles = [layer.register_forward_pre_hook(enter, with_kwargs=True),
+               layer.register_forward_hook(leave, with_kwargs=True)]
+    embeds = torch.empty(rows, seq, text.hidden_size, dtype=dtype,
+                         device="meta", requires_grad=True)
+    try:
+        with LiveBytes(count_meta=True) as live:
+            # Packed-sequence detection reads values, which meta tensors do not have; these positions are not packed.
+            with mock.patch("transformers.masking_utils.find_packed_sequence_indices", lambda *a, **k: None):
+                model(inputs_embeds=embeds, use_cache=False)
+            before = live.peak = live.current
+            output = inputs["output"]
+            torch.autograd.grad(output, inputs["hidden"], torch.empty_like(output))
+    finally:
+        for handle in handles:
+            handle.remove()
+    outside = {_storage_key(t) for t in [*inputs["not_activations"], *layer.parameters()]}
+    return LayerBytes(sum(size for key, size in saved.items() if key not in outside), live.peak - before)
+
+
+def _storage_key(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage()._cdata  # one per storage, on the meta device too (no data pointers there)
+
+
+def _remember(saved: Dict[int, int]):
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved[_storage_key(tensor)] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    return pack

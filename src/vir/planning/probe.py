@@ -19,10 +19,12 @@ from torch.utils._pytree import tree_flatten
 
 class LiveBytes(TorchDispatchMode):
     """Bytes of the storages created by operations run under this mode, alive now (`current`) and at most
-    (`peak`), on top of `resident` bytes that existed before (weights, optimizer states)."""
+    (`peak`), on top of `resident` bytes that existed before (weights, optimizer states). Meta tensors count only
+    with `count_meta` (`vir.planning.memory` measures a layer at real shapes on the meta device)."""
 
-    def __init__(self, resident: int = 0):
+    def __init__(self, resident: int = 0, count_meta: bool = False):
         super().__init__()
+        self.count_meta = count_meta  # meta tensors too: what a step at real shapes would allocate
         self._sizes: Dict[int, int] = {}
         self.resident = resident
         self.current = self.peak = resident
@@ -32,7 +34,7 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for tensor in _allocated(func, out):
+        for tensor in _allocated(func, out, self.count_meta):
             storage = tensor.untyped_storage()
             key = id(storage)  # a storage keeps one Python object for its lifetime
             if key in self._sizes or not storage.nbytes():
@@ -44,14 +46,14 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
-def _allocated(func, out) -> Iterator[torch.Tensor]:
+def _allocated(func, out, meta: bool = False) -> Iterator[torch.Tensor]:
     """The tensors among an operation's results that it may have allocated: not views or in-place results,
     which its schema marks as aliasing an input (`Tensor(a)`, `Tensor(a!)`, `Tensor(a)[]`)."""
     returns = func._schema.returns
     values = out if len(returns) > 1 else (out,)
     for declared, value in zip(returns, values):
         if declared.alias_info is None:
-            yield from (t for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor) and not t.is_meta)
+            yield from (t for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor) and (meta or not t.is_meta))
 
 
 def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
