@@ -169,7 +169,7 @@ def build_model(
     config = build_model_config(model_cfg, tokenizer, image_aspect_ratio)
     model_class = llava_classes(config.text_model_type)[1]
     dtype = _dtype(model_cfg.llm.dtype)
-    attn = _attention(model_class, model_cfg.llm.attn_implementation)
+    attn = attention_implementation(model_class, model_cfg.llm.attn_implementation)
     placement = quantized_loading(model_cfg.llm, dtype)
     if model_cfg.llm.path is None:
         if placement:
@@ -365,7 +365,7 @@ def vision_config_from_sizes(tower_cfg: Any) -> PreTrainedConfig:
     )
 
 
-def _attention(model_class: type, requested: Optional[str]) -> Optional[str]:
+def attention_implementation(model_class: type, requested: Optional[str]) -> Optional[str]:
     """`model.llm.attn_implementation`, or eager where the family has no SDPA path (Gemma 2's softcapped
     attention) and SDPA, the default, was asked for."""
     if requested == "sdpa" and not getattr(model_class, "_supports_sdpa", True):

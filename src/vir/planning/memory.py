@@ -14,9 +14,9 @@ parameter is assigned the bytes the training path gives it:
 Activations are the tensors a decoder layer saves for backward, measured by running one layer of the LLM's own
 family at the real shapes on the meta device (`layer_bytes`), for every layer or, under gradient checkpointing,
 each layer's input plus one layer recomputed; backward through a layer adds what its backward allocates (measured
-with it). Logits are the
-loss's fp32 tensors for one chunk of positions. The peak is the largest of three moments of a step (`plan_memory`).
-`make plan-check` compares it with steps measured by `vir.planning.probe`; tests/test_planning.py repeats part.
+with it). Logits are the loss's fp32 tensors for one chunk of positions. The peak is the largest of three moments
+of a step (`plan_memory`). `make plan-check` compares it with steps measured by `vir.planning.probe`;
+tests/test_planning.py repeats part.
 """
 
 from __future__ import annotations
@@ -29,12 +29,11 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
-
 from transformers import PreTrainedConfig
 
 from vir.models.builder import (
     DTYPES,
-    _attention,
+    attention_implementation,
     build_model_config,
     build_tokenizer,
     llm_fields_from_sizes,
@@ -205,7 +204,7 @@ def plan_memory(cfg: Any, vocab_size: Optional[int] = None, world_size: Optional
     stream = torch.float32 if llm.quantization != "none" and llm.dtype == "float16" else DTYPES[llm.dtype]
     kind = {"stage2_lora": "lora", "stage2_full": "full"}.get(training.mode, "frozen")
     measured = layer_bytes(config, stream, kind, micro, seq, training.lora_r, training.lora_dropout,
-                           _attention(llava_model_class(config), llm.attn_implementation))
+                           attention_implementation(llava_model_class(config), llm.attn_implementation))
     layer = measured.saved
     # With checkpointing every layer keeps its input only, and backward recomputes one layer at a time.
     inputs = config.num_hidden_layers * tokens * stream.itemsize * config.hidden_size
