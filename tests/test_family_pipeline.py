@@ -123,3 +123,24 @@ def test_each_family_exports_what_its_run_computes(name, pipeline, capsys):
     chat_cli.main([str(result["run"]), "--image", cases[0]["images"][0], "--prompt", QUESTION,
                    "--max-new-tokens", "8"])
     assert capsys.readouterr().out.strip() == result["hf"]["image"]["answer"]
+
+
+@pytest.mark.parametrize("name", ["qwen2", "gemma2"])
+def test_vir_merge_keeps_tied_embeddings_one_weight(name, pipeline, tmp_path):
+    """A LoRA run of a tied-embedding family merged into full weights (`vir-merge`): still tied, same logits."""
+    from vir.export.merge import merge_run
+
+    results, cases = pipeline
+    run = results[name]["run"]
+    merged_dir = merge_run(run, tmp_path / "merged")
+    merged, tokenizer, processor, run_config = load_run(merged_dir, device="cpu")
+    model, _, _, _ = load_run(run, merge_adapter=True, device="cpu")
+    assert merged.config.tie_word_embeddings
+    assert merged.get_output_embeddings().weight is merged.get_input_embeddings().weight
+    images = [open_user_image(cases[0]["images"][0])]
+    ids = build_generation_prompt([Message("user", "<image>\n" + QUESTION)], tokenizer, FAMILY_CASES[name].template,
+                                  merged.config.image_token_id, merged.config.num_image_tokens)
+    pixels = preprocess_images(images, processor, run_config.data.image_aspect_ratio)
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor([ids]), pixel_values=pixels).logits
+        assert (merged(input_ids=torch.tensor([ids]), pixel_values=pixels).logits - expected).abs().max() < 1e-5

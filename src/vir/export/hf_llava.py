@@ -117,21 +117,20 @@ def hf_processor(tokenizer, image_processor, config: PreTrainedConfig, run_confi
     image_token = run_config.model.image_token
     template = chat_template_for(data.template, tokenizer, data.system_prompt, image_token)
     tokenizer.chat_template = template
-    _no_implicit_bos(tokenizer, data.template, config)
+    drop_implicit_bos(tokenizer, data.template, config.image_token_id, config.num_image_tokens)
     return LlavaProcessor(image_processor=image_llava, tokenizer=tokenizer, patch_size=config.vision_config.patch_size,
                           vision_feature_select_strategy=feature_select_strategy(config), chat_template=template,
                           image_token=image_token,
                           num_additional_image_tokens=1 if has_cls_token(config.vision_config) else 0)
 
 
-def _no_implicit_bos(tokenizer, template: str, config: PreTrainedConfig) -> None:
-    """Stop the tokenizer adding a bos that training's prompts do not start with (Phi-3's template writes none), in
-    place: transformers' processor tokenizes a rendered prompt with the tokenizer's special tokens unless it starts
-    with bos, while training rendered it as `apply_chat_template` does, without them."""
+def drop_implicit_bos(tokenizer, template: str, image_token_id: int, num_image_tokens: int) -> None:
+    """Stop the tokenizer adding a bos that training's prompts do not start with (Phi-3's and llava-hf's own
+    templates write none), in place: transformers' processor tokenizes a rendered prompt with the tokenizer's
+    special tokens unless it starts with bos, while training rendered it as `apply_chat_template` does, without."""
     if tokenizer.bos_token is None or tokenizer("a")["input_ids"][:1] != [tokenizer.bos_token_id]:
         return
-    prompt = build_generation_prompt([Message("user", "a")], tokenizer, template, config.image_token_id,
-                                     config.num_image_tokens)
+    prompt = build_generation_prompt([Message("user", "a")], tokenizer, template, image_token_id, num_image_tokens)
     if prompt[:1] != [tokenizer.bos_token_id]:
         tokenizer.add_bos_token = False
 
