@@ -36,11 +36,16 @@ def main(export_dir: str, cases_file: str, out_file: str) -> None:
         messages = [{"role": "user", "content": content}]
         inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                return_dict=True, return_tensors="pt")
+        # The two-step pattern of transformers' Llava examples and lmms-eval: render, then call the processor.
+        text = processor.apply_chat_template(messages, add_generation_prompt=True)
+        images = [part["image"] for part in content if part["type"] == "image"] or None
+        two_step = processor(images=images, text=text, return_tensors="pt")["input_ids"][0]
         with torch.no_grad():
             logits = model(**inputs).logits
             generated = model.generate(**inputs, max_new_tokens=8, do_sample=False)
         results[case["name"]] = {
-            "input_ids": inputs["input_ids"][0], "pixel_values": inputs.get("pixel_values"), "logits": logits[0],
+            "input_ids": inputs["input_ids"][0], "two_step_ids": two_step, "pixel_values": inputs.get("pixel_values"),
+            "logits": logits[0],
             "generated": generated[0, inputs["input_ids"].shape[1]:],
             "answer": processor.decode(generated[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip(),
         }

@@ -121,9 +121,9 @@ def test_tower_saves_a_loadable_clip_directory(tower_dir):
 
 
 def test_tower_loads_through_the_llava_encoder(tower_dir):
-    from vir.models.encoder import CLIPVisionTower
+    from vir.models.encoder import VisionTower
 
-    tower = CLIPVisionTower.from_pretrained(tower_dir, select_layer=-1)
+    tower = VisionTower.from_pretrained(tower_dir, select_layer=-1)
     assert tower(torch.zeros(2, 3, 64, 64)).shape == (2, 16, 32)
 
 

@@ -101,6 +101,7 @@ def test_plain_transformers_computes_what_the_run_computes(run, exported, tmp_pa
                                       config.num_image_tokens)
         got = hf[case["name"]]
         assert got["input_ids"].tolist() == ids, case["name"]  # the chat template renders training's ids
+        assert got["two_step_ids"].tolist() == ids, case["name"]  # rendered first, then processor(text=...): one bos
         kwargs = {}
         if images:
             pixels = preprocess_images(images, processor, run_config.data.image_aspect_ratio)

@@ -105,6 +105,7 @@ def test_each_family_exports_what_its_run_computes(name, pipeline, capsys):
                                       model.config.num_image_tokens)
         got = result["hf"][item["name"]]
         assert got["input_ids"].tolist() == ids, item["name"]  # the exported chat template renders training's ids
+        assert got["two_step_ids"].tolist() == ids, item["name"]  # rendered first, then processor(text=...)
         kwargs = {}
         if images:
             pixels = preprocess_images(images, processor, run_config.data.image_aspect_ratio)
@@ -144,3 +145,17 @@ def test_vir_merge_keeps_tied_embeddings_one_weight(name, pipeline, tmp_path):
     with torch.no_grad():
         expected = model(input_ids=torch.tensor([ids]), pixel_values=pixels).logits
         assert (merged(input_ids=torch.tensor([ids]), pixel_values=pixels).logits - expected).abs().max() < 1e-5
+
+
+def test_llavas_own_format_is_refused_for_what_llavas_loader_cannot_build(pipeline, tmp_path):
+    """`vir-export --format llava` writes what LLaVA's `load_pretrained_model` loads: Llama or Mistral with CLIP.
+    A Qwen2 + SigLIP run is refused in one line pointing at the transformers export."""
+    from vir.export.merge import export_llava_original
+    from vir.utils.errors import UserError
+
+    results, _ = pipeline
+    with pytest.raises(UserError, match=r"is a llava_qwen2 model with a siglip_vision_model tower; LLaVA's own loader "
+                                        r"builds only llava_llama or llava_mistral with a CLIP tower: export it with "
+                                        r"--format hf"):
+        export_llava_original(results["qwen2"]["run"], tmp_path / "llava")
+    assert not (tmp_path / "llava").exists()

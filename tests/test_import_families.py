@@ -32,9 +32,10 @@ from vir.utils.config import compose_config
 
 TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=512)
-# name -> (tokenizer family, text config class, tower, named template)
+# name -> (tokenizer family, text config class, tower, named template); small Qwen2 ties its embeddings, and
+# transformers saves a tied Llava without `lm_head.weight`.
 CHECKPOINTS = {"llava-1.5 (vicuna)": ("vicuna", LlamaConfig, "clip", "vicuna_v1"),
-               "qwen2 + siglip": ("qwen2", Qwen2Config, "siglip", "chatml")}
+               "qwen2 + siglip, tied": ("qwen2", Qwen2Config, "siglip", "chatml")}
 
 
 def _llava_hf_dir(directory, name):
@@ -48,7 +49,8 @@ def _llava_hf_dir(directory, name):
     clip = tower == "clip"
     vision = CLIPVisionConfig(**sizes) if clip else SiglipVisionConfig(**sizes)
     text = text_class(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **TEXT)
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                      tie_word_embeddings="tied" in name, **TEXT)
     config = LlavaConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
                          image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
                          vision_feature_select_strategy="default" if clip else "full", vision_feature_layer=-2,
@@ -95,6 +97,8 @@ def test_init_from_hf_imports_each_family_exactly(checkpoint, tmp_path_factory, 
     assert cfg.model.vision_tower.select_feature == "patch"
     ours, tokenizer, processor = build_all(cfg)
     assert ours.config.text_model_type == text_class.model_type
+    if "tied" in name:
+        assert ours.get_output_embeddings().weight is ours.get_input_embeddings().weight
     assert ours.get_vision_tower().config.model_type == f"{tower}_vision_model"
     hf = LlavaForConditionalGeneration.from_pretrained(str(source)).eval()
     batch = _batch(tmp_path_factory, tokenizer, processor, ours.config, template)
@@ -125,3 +129,4 @@ def test_llava_15_with_the_llama3_default_names_the_template_that_fits(tmp_path_
     line = vir_train_fails(monkeypatch, capsys, _overrides(tmp_path_factory, source, tmp_path / "run",
                                                            "data.template=llama3"))
     assert "data.template=llama3" in line and "<|begin_of_text|>" in line and "vicuna_v1" in line, line
+    assert not (tmp_path / "run" / "init_from_hf").exists()  # refused before the checkpoint was read and split

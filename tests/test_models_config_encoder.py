@@ -1,4 +1,4 @@
-"""LlavaLlamaConfig (derived shapes, serialisation, Auto registration, errors) and CLIPVisionTower."""
+"""LlavaLlamaConfig (derived shapes, serialisation, Auto registration, errors) and VisionTower."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from models_fixtures import TINY_VISION, tiny_config
 from transformers import AutoConfig, CLIPConfig, CLIPVisionConfig, CLIPVisionModel
 
 from vir.models import LlavaLlamaConfig
-from vir.models.encoder import CLIPVisionTower
+from vir.models.encoder import VisionTower
 from vir.utils.config import ConfigError
 
 
@@ -63,7 +63,7 @@ def test_config_rejects_bad_values_naming_the_field(overrides, message):
 @pytest.mark.parametrize("select_feature, tokens", [("patch", 4), ("cls_patch", 5)])
 def test_tower_selects_the_configured_layer_and_tokens(select_feature, tokens):
     torch.manual_seed(0)
-    tower = CLIPVisionTower.from_config(tiny_config(mm_vision_select_feature=select_feature)).eval()
+    tower = VisionTower.from_config(tiny_config(mm_vision_select_feature=select_feature)).eval()
     pixel_values = torch.randn(3, 3, 16, 16)
     features = tower(pixel_values)
     assert features.shape == (3, tokens, 32)
@@ -72,7 +72,7 @@ def test_tower_selects_the_configured_layer_and_tokens(select_feature, tokens):
 
 
 def test_tower_casts_input_to_its_dtype_and_skips_autograd_when_frozen():
-    tower = CLIPVisionTower(CLIPVisionConfig(**TINY_VISION)).to(torch.bfloat16)
+    tower = VisionTower(CLIPVisionConfig(**TINY_VISION)).to(torch.bfloat16)
     tower.requires_grad_(False)
     features = tower(torch.randn(2, 3, 16, 16, dtype=torch.float32))
     assert features.dtype == torch.bfloat16 and features.grad_fn is None
@@ -92,17 +92,17 @@ def test_tower_loads_a_clip_or_clip_vision_directory(tmp_path, layout):
     saved.save_pretrained(tmp_path)
     weight = reference.embeddings.patch_embedding.weight
 
-    loaded = CLIPVisionTower.from_pretrained(tmp_path, select_feature="cls_patch")
+    loaded = VisionTower.from_pretrained(tmp_path, select_feature="cls_patch")
     assert torch.equal(loaded.vision_tower.embeddings.patch_embedding.weight, weight)
     assert loaded(torch.randn(1, 3, 16, 16)).shape == (1, 5, 32)
 
-    tower = CLIPVisionTower.from_config(tiny_config())
+    tower = VisionTower.from_config(tiny_config())
     tower.load_pretrained_weights(tmp_path)
     assert torch.equal(tower.vision_tower.embeddings.patch_embedding.weight, weight)
 
 
 def test_tower_loading_errors_name_the_key_and_path(tmp_path):
     with pytest.raises(FileNotFoundError, match=rf"model.vision_tower.path={tmp_path / 'nope'} is not a directory"):
-        CLIPVisionTower.from_config(tiny_config()).load_pretrained_weights(tmp_path / "nope")
+        VisionTower.from_config(tiny_config()).load_pretrained_weights(tmp_path / "nope")
     with pytest.raises(ConfigError, match="has no config.json"):
-        CLIPVisionTower.from_pretrained(tmp_path)
+        VisionTower.from_pretrained(tmp_path)

@@ -158,8 +158,9 @@ class VicunaV1Template(TextTemplate):
 
 
 class MistralInstructTemplate(TextTemplate):
-    """Mistral-7B-Instruct-v0.2's published template (tokenizer V1, as LLaVA-NeXT's llava-v1.6-mistral-7b was
-    trained on): `<s> [INST] {q} [/INST] {a}</s> [INST] {q2} [/INST]`. A system text (the system turn, else
+    """Mistral-7B-Instruct-v0.2's published template (tokenizer V1; the base LLaVA-NeXT's llava-v1.6-mistral-7b
+    started from, whose own `conv_mistral_instruct` spaces its separators differently):
+    `<s> [INST] {q} [/INST] {a}</s> [INST] {q2} [/INST]`. A system text (the system turn, else
     `data.system_prompt`; none by default) goes before the first question followed by a blank line, as the
     template does. The prompt for generation is the conversation up to " [/INST]" (the template has no
     separate generation prompt)."""

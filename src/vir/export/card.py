@@ -23,9 +23,10 @@ def write_model_card(out: Path, run: Path, run_config: DictConfig, merged: bool,
     lines = _vir_usage(run) if layout == "vir" else _hf_usage(run)
     if layout == "hf":
         lines.append("- " + _PAD_NOTE[aspect_ratio])
-        lines.append("- The chat template is the one the model was trained with (Llama-3, the image before the "
-                     "question). It starts with `<|begin_of_text|>`: when you tokenize a rendered prompt yourself, "
-                     "pass `add_special_tokens=False`.")
+        lines.append(f"- The chat template is the one the model was trained with (`{run_config.data.template}`, "
+                     "the image before the question). `processor.apply_chat_template(..., tokenize=True)` and "
+                     "rendering first, then `processor(images=..., text=...)`, give the same ids: the tokenizer adds "
+                     "a bos only where the template does not write one.")
     if merged:
         lines.append("- The LoRA adapter is merged into the weights"
                      + (" of the de-quantised base (the QLoRA run trained on 4/8-bit weights; these are those "

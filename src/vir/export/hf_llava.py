@@ -117,21 +117,30 @@ def hf_processor(tokenizer, image_processor, config: PreTrainedConfig, run_confi
     image_token = run_config.model.image_token
     template = chat_template_for(data.template, tokenizer, data.system_prompt, image_token)
     tokenizer.chat_template = template
-    drop_implicit_bos(tokenizer, data.template, config.image_token_id, config.num_image_tokens)
+    drop_implicit_bos(tokenizer, data.template, config.image_token_id, config.num_image_tokens, template)
     return LlavaProcessor(image_processor=image_llava, tokenizer=tokenizer, patch_size=config.vision_config.patch_size,
                           vision_feature_select_strategy=feature_select_strategy(config), chat_template=template,
                           image_token=image_token,
                           num_additional_image_tokens=1 if has_cls_token(config.vision_config) else 0)
 
 
-def drop_implicit_bos(tokenizer, template: str, image_token_id: int, num_image_tokens: int) -> None:
-    """Stop the tokenizer adding a bos that training's prompts do not start with (Phi-3's and llava-hf's own
-    templates write none), in place: transformers' processor tokenizes a rendered prompt with the tokenizer's
-    special tokens unless it starts with bos, while training rendered it as `apply_chat_template` does, without."""
+def drop_implicit_bos(tokenizer, template: str, image_token_id: int, num_image_tokens: int,
+                      chat_template: Optional[str] = None) -> None:
+    """Make the tokenizer add a bos only where the chat template relies on it, in place, so every usual way of
+    prompting the export gives training's ids: `apply_chat_template(tokenize=True)` (transformers' processor adds
+    the tokenizer's special tokens unless the rendered text starts with bos), and rendering first, then
+    `processor(text=...)` (special tokens added), as transformers' Llava examples, lmms-eval and vLLM do.
+
+    It keeps adding one only when training's prompts start with bos and the exported `chat_template` does not write
+    it (`vicuna_v1`); it stops when the template writes bos itself (`llama3`: no second one) or when training's
+    prompts have none (Phi-3's and llava-hf's own templates)."""
     if tokenizer.bos_token is None or tokenizer("a")["input_ids"][:1] != [tokenizer.bos_token_id]:
         return
     prompt = build_generation_prompt([Message("user", "a")], tokenizer, template, image_token_id, num_image_tokens)
-    if prompt[:1] != [tokenizer.bos_token_id]:
+    writes_bos = chat_template is not None and tokenizer.apply_chat_template(
+        [{"role": "user", "content": "a"}], chat_template=chat_template, tokenize=False,
+        add_generation_prompt=True).startswith(tokenizer.bos_token)
+    if prompt[:1] != [tokenizer.bos_token_id] or writes_bos:
         tokenizer.add_bos_token = False
 
 

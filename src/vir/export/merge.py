@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from vir.export.card import write_model_card
 from vir.export.destination import check_destination, staged_export
 from vir.models.checkpoint import ADAPTER_CONFIG_FILE, PathLike, load_run, write_run_artifacts
+from vir.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ def export_llava_original(run_dir: PathLike, out_dir: PathLike, max_shard_size: 
     LLaVA's key names) with the CLIP tower copied into `vision_tower/`, which `mm_vision_tower` names (by its
     final absolute path). `out_dir` is checked and written as `merge_run`'s is."""
     check_destination(run_dir, out_dir, "llava", overwrite)
+    _check_llava_loads(Path(run_dir))
     merged = load_merged(run_dir)
     with staged_export(run_dir, out_dir, "llava") as staging:
         write_merged(merged, staging, max_shard_size)
@@ -91,3 +93,17 @@ def export_llava_original(run_dir: PathLike, out_dir: PathLike, max_shard_size: 
         config.update(LLAVA_FIELDS, mm_vision_tower=str(Path(out_dir).resolve() / TOWER_DIR))
         config_file.write_text(json.dumps(config, indent=2) + "\n")
     return Path(out_dir)
+
+
+# What LLaVA's own `load_pretrained_model` builds: LlavaLlamaForCausalLM / LlavaMistralForCausalLM, a CLIP tower.
+LLAVA_LOADABLE = {"llava_llama", "llava_mistral"}
+
+
+def _check_llava_loads(run: Path) -> None:
+    """Refuse a run LLaVA's own code could not load: another LLM family, or a SigLIP tower."""
+    config = json.loads((run / "config.json").read_text())
+    tower = (config.get("vision_config") or {}).get("model_type", "clip_vision_model")
+    if config.get("model_type") not in LLAVA_LOADABLE or tower != "clip_vision_model":
+        raise UserError(f"{run} is a {config.get('model_type')} model with a {tower} tower; LLaVA's own loader builds "
+                        f"only {' or '.join(sorted(LLAVA_LOADABLE))} with a CLIP tower: export it with --format hf "
+                        "(transformers' LlavaForConditionalGeneration) instead")

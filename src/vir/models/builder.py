@@ -22,7 +22,7 @@ from vir.models.configuration import check_projector_type, check_select_feature,
 from vir.models.encoder import load_vision_config, quiet_load_report, vision_classes
 from vir.models.families import llava_classes, register_saved_type, text_config_class
 from vir.models.image_processors import ImageProcessor, default_image_processor, load_image_processor
-from vir.models.model_types import check_llm_type
+from vir.models.model_types import check_llm_type, llm_type_problem
 from vir.models.projector import load_projector_state_dict
 from vir.models.quantization import ensure_initialised, quantized_loading
 from vir.utils.config import ConfigError
@@ -40,7 +40,7 @@ def prepare_tokenizer(
     pad_token: Optional[str] = None,
     model_max_length: Optional[int] = None,
 ) -> PreTrainedTokenizerBase:
-    """Make a (Llama-3) tokenizer ready for multimodal training, in place.
+    """Make an LLM's tokenizer ready for multimodal training, in place.
 
     Adds `image_token` as a special token when missing; sets a pad token when there is none (`pad_token`,
     else Llama-3's `<|finetune_right_pad_id|>` when the vocabulary has it, else a new `<pad>`), so padding
@@ -66,7 +66,7 @@ def prepare_tokenizer(
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Keys copied from an LLM's config.json that must not leak into the LlavaLlamaConfig built from it.
+# Keys copied from an LLM's config.json that must not leak into the LLaVA config built from it.
 _NOT_TEXT_FIELDS = ("model_type", "architectures", "transformers_version", "auto_map", "_name_or_path", "dtype")
 
 
@@ -287,8 +287,6 @@ def _family_of(source: PreTrainedConfig) -> str:
 
 def random_init_family(llm_cfg: Any) -> str:
     """`model.llm.model_type`: the decoder family a random-init LLM is built as."""
-    from vir.models.model_types import llm_type_problem
-
     family = str(getattr(llm_cfg, "model_type", None) or "llama")
     problem = llm_type_problem({"model_type": family})
     if problem is not None:

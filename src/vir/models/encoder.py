@@ -165,6 +165,3 @@ def _load_clip_vision(path: PathLike, key: str = "model.vision_tower.path", **kw
     config = load_vision_config(path, key)  # clear errors for a missing directory or config.json
     with quiet_load_report():  # a full CLIP/SigLIP directory's text_model.* weights are expected to go unused
         return vision_classes(config.model_type)[1].from_pretrained(str(path), **kwargs)
-
-
-CLIPVisionTower = VisionTower  # the name it had when CLIP was the only tower

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoProcessor, AutoTokenizer, CLIPImageProcessorPil, LlavaConfig, SiglipImageProcessorPil
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+from vir.data.templates import check_template
 from vir.models.configuration import VISION_TYPES_WITH_CLS
 from vir.models.encoder import vision_classes
 from vir.models.model_types import llm_type_problem
@@ -162,9 +163,12 @@ def import_hf_llava(hf_dir: PathLike, out_dir: PathLike) -> Dict[str, str]:
     llm_state, tower_state, projector = split_hf_state_dict(_read_weights(source))
     causal_lm_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(text_config)]
     tower_class = vision_classes(vision.model_type)[1]
-    if (text_config.tie_word_embeddings or config.tie_word_embeddings) and "lm_head.weight" not in llm_state:
+    text_config.tie_word_embeddings = bool(text_config.tie_word_embeddings or config.tie_word_embeddings)
+    if text_config.tie_word_embeddings and "lm_head.weight" not in llm_state:
         llm_state["lm_head.weight"] = llm_state["model.embed_tokens.weight"]
     check_state(llm_state, _expected(causal_lm_class, text_config), "language model", source)
+    if text_config.tie_word_embeddings:  # one weight: saved once, as transformers saves a tied model
+        llm_state.pop("lm_head.weight")
     check_state(tower_state, _expected(tower_class, vision), "vision tower", source)
     width_in, width_out = vision.hidden_size, text_config.hidden_size
     shapes = {"0.weight": (width_out, width_in), "0.bias": (width_out,), "2.weight": (width_out, width_out),
@@ -229,6 +233,7 @@ def apply_init_from_hf(cfg) -> None:
     if taken:
         raise ConfigError(f"model.init_from_hf={source} provides the LLM, the tower and the projector: leave "
                           f"{', '.join(taken)} unset")
+    _check_template_fits(cfg.data.template, Path(source))
     result = import_hf_llava(source, Path(cfg.training.output_dir) / "init_from_hf")
     cfg.model.llm.path = result["llm"]
     cfg.model.vision_tower.path = result["clip"]
@@ -238,3 +243,16 @@ def apply_init_from_hf(cfg) -> None:
     if result["image_aspect_ratio"] != cfg.data.image_aspect_ratio:
         logger.warning("model.init_from_hf=%s was trained with image_aspect_ratio=%s; this run uses "
                        "data.image_aspect_ratio=%s", source, result["image_aspect_ratio"], cfg.data.image_aspect_ratio)
+
+
+def _check_template_fits(template: str, source: Path) -> None:
+    """`data.template` against the checkpoint's own tokenizer, before its weights are read and split: a template
+    that does not fit (the Llama-3 default on LLaVA-1.5's Vicuna) stops the run in one line, not after the import."""
+    if not (source / "config.json").is_file():
+        return  # import_hf_llava names what is missing
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(source))
+    except (OSError, ValueError, TypeError) as err:
+        raise UserError(f"model.init_from_hf={source}: no tokenizer loads from it "
+                        f"({str(err).splitlines()[0][:200]})") from None
+    check_template(template, tokenizer)

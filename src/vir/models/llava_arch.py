@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 # (Cohere's `logit_scale`, Granite's `logits_scaling`): those families train with transformers' own loss.
 _LOGIT_SCALE_FIELDS = ("logit_scale", "logits_scaling")
 
+
 def splice_image_features(
     inputs_embeds: torch.Tensor, input_ids: torch.Tensor, image_features: torch.Tensor, image_token_id: int
 ) -> torch.Tensor:
@@ -180,6 +181,7 @@ class LlavaForCausalLMMixin:
     def chunked_loss_applies(self) -> bool:
         """Whether `loss_chunk_size` can apply: the family's logits are `lm_head(h)`, softcapped at most."""
         return not any(getattr(self.config, name, None) not in (None, 1, 1.0) for name in _LOGIT_SCALE_FIELDS)
+
     def prepare_inputs_for_generation(
         self, input_ids, cache=None, pixel_values=None, is_first_iteration=False, **kwargs
     ):

@@ -85,6 +85,10 @@ def llm_type_problem(raw: Dict[str, Any]) -> Optional[str]:
         return "an encoder-decoder model"
     if not saved_llava and any(key in raw for key in ("vision_config", "text_config", "audio_config")):
         return "a multimodal model"
+    tiling = str(raw.get("image_aspect_ratio") or "")
+    if saved_llava and (tiling.startswith("anyres") or str(raw.get("mm_patch_merge_type") or "").startswith("spatial")):
+        return (f"a LLaVA-NeXT / OneVision checkpoint (image_aspect_ratio={tiling or None}, anyres tiling), which "
+                "this LLaVA-1.5 recipe does not train")
     return None
 
 
