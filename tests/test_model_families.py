@@ -22,7 +22,8 @@ from transformers import (
 
 from family_models import FAMILY_CASES, NUM_IMAGE_TOKENS, family_llm_dir, family_overrides, tower_dir
 from vir.data.images import preprocess_images
-from vir.models.builder import build_all, build_model_config, build_tokenizer
+from vir.models.builder import build_all, build_tokenizer
+from vir.models.model_config import build_model_config
 from vir.models.model_types import check_model_dir
 from vir.training.preflight import check_run
 from vir.utils.config import ConfigError, compose_config

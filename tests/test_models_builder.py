@@ -237,7 +237,7 @@ def test_each_real_model_group_builds_its_real_shape_without_weights(tokenizer_d
     """model=<group> with null paths: the published checkpoints' shapes (Llama-3-8B, Vicuna-7B v1.5, Mistral-7B v0.2,
     Qwen2.5-7B; CLIP-L/336, SigLIP so400m/14-384), on the meta device, with the project's small tokenizer and
     `model.llm.vocab_size` giving the real vocabulary."""
-    from vir.models.builder import build_model_config
+    from vir.models.model_config import build_model_config
     from vir.models.families import llava_model_class
 
     family, sizes, vocab, decoder, llm_total, tower_range, image_tokens, tower_width = MODEL_GROUPS[group]

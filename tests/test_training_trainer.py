@@ -11,7 +11,8 @@ from torch import nn
 from training_fixtures import IMAGE_SIZE, PATCH_SIZE, RUNS, logits_of, mixed_batch, run_config, tiny_bases, train
 
 from vir.models import LlavaLlamaForCausalLM
-from vir.models.builder import build_image_processor, build_model_config, build_tokenizer
+from vir.models.builder import build_image_processor, build_tokenizer
+from vir.models.model_config import build_model_config
 from vir.models.checkpoint import load_run
 from vir.models.projector import load_projector_state_dict, projector_state_dict
 from vir.training.sampler import ModalityGroupedSampler

@@ -14,7 +14,8 @@ from omegaconf import DictConfig
 
 from vir.data.dataset import LazySupervisedDataset
 from vir.data.validation import format_summary, validate_dataset
-from vir.models.builder import build_image_processor, build_model_config, build_tokenizer
+from vir.models.builder import build_image_processor, build_tokenizer
+from vir.models.model_config import build_model_config
 from vir.utils.config import cli_entry
 
 

@@ -45,7 +45,7 @@ from vir.demo.config import LLMPretrainConfig
 from vir.demo.scene_text import Document, SceneCaption, to_messages
 from vir.inference.generate import Query, generate_answers
 from vir.inference.scoring import accuracy_by_type, overall_accuracy
-from vir.models.builder import llm_fields_from_sizes
+from vir.models.model_config import llm_fields_from_sizes
 from vir.training.distributed import run_state
 from vir.training.sampler import grouped_train_sampler
 from vir.utils.config_schema import LLMConfig

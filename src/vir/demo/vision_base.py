@@ -39,7 +39,7 @@ from vir.demo.common import (
 )
 from vir.demo.config import SyntheticConfig, VisionPretrainConfig
 from vir.demo.synthetic import SIZES, as_spec, labelled_scene
-from vir.models.builder import vision_config_from_sizes
+from vir.models.model_config import vision_config_from_sizes
 from vir.models.image_processors import clip_image_processor
 from vir.training.distributed import run_state
 from vir.utils.config_schema import VisionTowerConfig

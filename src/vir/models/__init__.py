@@ -5,9 +5,10 @@ The LLaVA classes of a decoder family are made and registered with transformers'
 `AutoModelForCausalLM.from_pretrained(saved_dir)` works without `trust_remote_code`.
 """
 
-from vir.models.builder import build_all, build_image_processor, build_model, build_model_config, build_tokenizer
+from vir.models.builder import build_all, build_image_processor, build_model, build_tokenizer
 from vir.models.configuration import LlavaLlamaConfig
 from vir.models.families import llava_classes, llava_model_class
+from vir.models.model_config import build_model_config
 from vir.models.llava_arch import LlavaLlamaForCausalLM, splice_image_features
 
 __all__ = [

@@ -31,16 +31,9 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 from transformers import PreTrainedConfig
 
-from vir.models.builder import (
-    DTYPES,
-    attention_implementation,
-    build_model_config,
-    build_tokenizer,
-    llm_fields_from_sizes,
-    random_init_family,
-    vision_config,
-)
+from vir.models.builder import DTYPES, attention_implementation, build_tokenizer
 from vir.models.families import llava_classes, llava_model_class
+from vir.models.model_config import build_model_config, llm_fields_from_sizes, random_init_family, vision_config
 from vir.planning.probe import LiveBytes
 from vir.training.batching import batch_layout
 from vir.training.deepspeed_config import resolve_deepspeed
