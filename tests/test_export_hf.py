@@ -161,3 +161,26 @@ def _paths(data, index: int) -> list[str]:
     record = json.loads(Path(data.test_path or data.eval_path).read_text())[index]
     image = record.get("image")
     return [] if image is None else [image] if isinstance(image, str) else list(image)
+
+
+def test_the_export_is_written_in_the_form_transformers_4_reads(run, exported):
+    """The files serving stacks pinned to transformers 4.x (and tokenizers before 0.20) read: checked as files here;
+    transformers 5 reads the same files in the parity tests above."""
+    from safetensors import safe_open
+
+    tokenizer_config = json.loads((exported / "tokenizer_config.json").read_text())
+    assert tokenizer_config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert "<image>" in tokenizer_config["additional_special_tokens"] and "extra_special_tokens" not in tokenizer_config
+    merges = json.loads((exported / "tokenizer.json").read_text())["model"]["merges"]
+    assert merges and all(isinstance(merge, str) and len(merge.split(" ")) == 2 for merge in merges)
+    text_config = json.loads((exported / "config.json").read_text())["text_config"]
+    assert text_config["rope_theta"] == text_config["rope_parameters"]["rope_theta"]
+    assert text_config["rope_theta"] == run.model.config.rope_parameters["rope_theta"]
+    keys = set()
+    for shard in exported.glob("model*.safetensors"):
+        with safe_open(str(shard), framework="pt") as handle:
+            keys |= set(handle.keys())
+    tower = [key for key in keys if "vision_tower" in key]
+    assert tower and all(key.startswith("vision_tower.vision_model.") for key in tower)
+    index = json.loads((exported / "model.safetensors.index.json").read_text())["weight_map"]
+    assert set(index) == keys

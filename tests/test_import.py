@@ -63,9 +63,10 @@ def _rewritten(hf_dir, target, rename):
     return target
 
 
-def _hub_key(key: str) -> str:
-    """transformers' serialised key -> the hub's llava-hf/llava-1.5-7b-hf one (`vision_tower.vision_model.*`)."""
-    return "vision_tower.vision_model." + key[len("vision_tower."):] if key.startswith("vision_tower.") else key
+def _unnested_key(key: str) -> str:
+    """The export's key (the hub's llava-hf layout, `vision_tower.vision_model.*`) -> what transformers 5's own
+    `save_pretrained` writes (`vision_tower.*`)."""
+    return key.replace("vision_tower.vision_model.", "vision_tower.", 1)
 
 
 def _module_key(key: str) -> str:
@@ -77,7 +78,7 @@ def _module_key(key: str) -> str:
     return "model." + key
 
 
-LAYOUTS = {"serialised": None, "hub": _hub_key, "module": _module_key}
+LAYOUTS = {"export (hub)": None, "transformers 5": _unnested_key, "module": _module_key}
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))

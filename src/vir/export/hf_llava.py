@@ -32,6 +32,7 @@ from vir.data.conversation import Message
 from vir.data.templates import build_generation_prompt, generation_stop_ids
 from vir.export.card import write_model_card
 from vir.export.destination import check_destination, staged_export
+from vir.export.portable import add_legacy_rope_fields, nest_tower_keys, write_portable_tokenizer
 from vir.export.chat_template import chat_template_for
 from vir.models.checkpoint import ADAPTER_CONFIG_FILE, PathLike, load_run
 from vir.models.configuration import has_cls_token
@@ -177,6 +178,10 @@ def export_hf_llava(run_dir: PathLike, out_dir: PathLike, merge: bool = True,
     with staged_export(run, out, "hf") as staging:
         hf_model.save_pretrained(str(staging), max_shard_size=max_shard_size)
         processor.save_pretrained(str(staging))
+        # What transformers 4.x (and tokenizers before 0.20) read as well: vir.export.portable.
+        write_portable_tokenizer(staging)
+        add_legacy_rope_fields(staging / "config.json", "text_config")
+        nest_tower_keys(staging)
         # transformers 5 keeps the image processor inside processor_config.json; servers on older transformers
         # (vLLM, SGLang) read preprocessor_config.json: write both.
         processor.image_processor.save_pretrained(str(staging))
