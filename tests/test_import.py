@@ -5,6 +5,7 @@ checkpoints (`model.llm.path` at a llava_llama directory) and LoRA runs' `non_lo
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -141,7 +142,7 @@ def test_init_from_hf_refuses_explicit_bases_beside_it(bases, hf_dir, tmp_path):
         apply_init_from_hf(cfg)
 
 
-def test_an_original_llava_checkpoint_loads_as_model_llm_path(bases, tmp_path_factory, tmp_path):
+def test_an_original_llava_checkpoint_loads_as_model_llm_path(bases, tmp_path_factory, tmp_path, caplog):
     """LLaVA's own full checkpoint: config.json with model_type llava_llama and its mm_* fields but no vision
     config (the tower is named by mm_vision_tower, a hub id), weights without the tower."""
     run = lora_run(tmp_path_factory)
@@ -163,7 +164,11 @@ def test_an_original_llava_checkpoint_loads_as_model_llm_path(bases, tmp_path_fa
         shutil.copy2(merged / name, original / name)
 
     cfg = run_config(bases, tmp_path / "run", "stage2_lora", f"model.llm.path={original}")
-    ours, tokenizer, processor = build_all(cfg)
+    with caplog.at_level(logging.WARNING, logger="vir.models.configuration"):
+        ours, tokenizer, processor = build_all(cfg)
+    # Its mm_hidden_size is the tower's (model.vision_tower.path), not CLIP-L's: no warning that it disagrees.
+    assert ours.config.mm_hidden_size == config["mm_hidden_size"] != 1024
+    assert not [r for r in caplog.records if "disagrees" in r.getMessage()]
     reference, *_ = load_run(merged, device="cpu")
     batch = mixed_batch(bases, tokenizer, processor, ours.config.num_image_tokens)
     assert _logits_match(ours.eval(), reference, batch) < 1e-5

@@ -86,12 +86,15 @@ class LlavaConfigMixin:
     """
 
     def __post_init__(self, **kwargs):
+        # LLaVA's own config.json has no vision_config (only `mm_vision_tower`, a name): the default stands in until
+        # the tower's own config replaces it, so stored widths that disagree with the default are no news.
+        given = self.vision_config is not None
         self.vision_config = _vision_part(self.vision_config)
         super().__post_init__(**kwargs)
         check_projector_type(self.mm_projector_type)
         check_select_feature(self.mm_vision_select_feature)
         self._check_vision_fit()
-        self._derive_shapes()
+        self._derive_shapes(warn=given)
 
     def __setattr__(self, name, value):
         super().__setattr__(name, value)
