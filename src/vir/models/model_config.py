@@ -18,7 +18,7 @@ from transformers import AutoConfig, PreTrainedConfig, PreTrainedTokenizerBase
 from vir.models.configuration import check_projector_type, check_select_feature, is_llava_config
 from vir.models.encoder import load_vision_config, vision_classes
 from vir.models.families import llava_classes, register_saved_type, text_config_class
-from vir.models.model_types import check_llm_type, llm_type_problem
+from vir.models.model_types import check_llm_type, llm_family, llm_type_problem
 from vir.utils.config import ConfigError
 
 # Keys copied from an LLM's config.json that must not leak into the LLaVA config built from it.
@@ -88,8 +88,8 @@ def read_llm_config(path: Any) -> PreTrainedConfig:
     """The config of the LLM directory `path`: the family's config, or a saved LLaVA model's (its family's LLaVA
     config class registered first)."""
     directory = require_dir(path, "model.llm.path")
-    family = check_llm_type(directory)  # and a config.json to read it from
-    model_type = json.loads((directory / "config.json").read_text())["model_type"]
+    model_type = check_llm_type(directory)  # and a config.json to read it from
+    family = llm_family(model_type)
     register_saved_type(model_type)
     if model_type != family and model_type != f"llava_{family}":  # LLaVA-NeXT's `llava_qwen`: Qwen2 by another name
         return llava_classes(family)[0].from_pretrained(str(directory))

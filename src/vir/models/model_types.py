@@ -93,8 +93,8 @@ def llm_type_problem(raw: Dict[str, Any]) -> Optional[str]:
 
 
 def check_llm_type(path: Any, key: str = LLM_KEY) -> str:
-    """The family (`llm_family`) of the LLM directory `path` (set as `key`); `ConfigError` naming the key, the type
-    found and what is supported when it is not a decoder LLM (`llm_type_problem`)."""
+    """The `model_type` of the LLM directory `path` (set as `key`; `llm_family` of it is its family); `ConfigError`
+    naming the key, the type found and what is supported when it is not a decoder LLM (`llm_type_problem`)."""
     raw = read_model_config(path, key)
     problem = llm_type_problem(raw)
     if problem is not None:
@@ -102,7 +102,7 @@ def check_llm_type(path: Any, key: str = LLM_KEY) -> str:
             f"{key}={path} holds a {raw.get('model_type')!r} model ({problem}); {key} takes a decoder-only causal "
             f"LM that AutoModelForCausalLM loads (tested: {', '.join(TESTED_FAMILIES)}) or a saved LLaVA model of "
             "one (llava_<family>)")
-    return llm_family(str(raw["model_type"]))
+    return str(raw["model_type"])
 
 
 def check_model_type(path: Any, key: str, supported: Optional[Tuple[str, ...]] = None) -> str:
@@ -110,8 +110,7 @@ def check_model_type(path: Any, key: str, supported: Optional[Tuple[str, ...]] =
     takes; for `model.llm.path`, `check_llm_type`'s rule); returns it."""
     supported = supported or MODEL_DIR_TYPES.get(key)
     if supported is None:
-        check_llm_type(path, key)
-        return model_type_of(path, key)
+        return check_llm_type(path, key)
     model_type = model_type_of(path, key)
     if model_type not in supported:
         hint = f" ({_OTHER_MULTIMODAL[model_type]})" if model_type in _OTHER_MULTIMODAL else ""
