@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from export_parity import assert_export_computes_the_run
 from training_fixtures import lora_run
 
 from vir.data.conversation import Message
-from vir.data.images import open_user_image, preprocess_images
 from vir.data.templates import build_generation_prompt
 from vir.inference.evaluate import evaluate, load_eval_items
 from vir.models.checkpoint import load_run
@@ -93,27 +93,9 @@ def test_plain_transformers_computes_what_the_run_computes(run, exported, tmp_pa
     hf = _hf(exported, cases, tmp_path)
     assert hf["image_processor"] == "LlavaImageProcessorPil"
 
-    config = model.config
-    for case in cases:
-        images = [open_user_image(p) for p in case["images"]]
-        text = "".join("<image>\n" for _ in images) + case["question"]
-        ids = build_generation_prompt([Message("user", text)], tokenizer, "llama3", config.image_token_id,
-                                      config.num_image_tokens)
-        got = hf[case["name"]]
-        assert got["input_ids"].tolist() == ids, case["name"]  # the chat template renders training's ids
-        assert got["two_step_ids"].tolist() == ids, case["name"]  # rendered first, then processor(text=...): one bos
-        kwargs = {}
-        if images:
-            pixels = preprocess_images(images, processor, run_config.data.image_aspect_ratio)
-            assert torch.allclose(got["pixel_values"], pixels, atol=1e-5), case["name"]
-            kwargs["pixel_values"] = pixels
-        with torch.no_grad():
-            logits = model(input_ids=torch.tensor([ids]), **kwargs).logits[0]
-        assert (logits - got["logits"]).abs().max() < 1e-4, case["name"]
-        ours = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=8, do_sample=False,
-                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **kwargs)
-        theirs = got["generated"].tolist()
-        assert ours[0, len(ids):].tolist()[:len(theirs)] == theirs, case["name"]
+    stops = json.loads((exported / "generation_config.json").read_text())["eos_token_id"]
+    assert_export_computes_the_run(model, tokenizer, processor, run_config.data.image_aspect_ratio, "llama3", cases,
+                                   hf, stops)
 
     # What a user types: `vir-chat RUN --image X --prompt Q` answers what plain transformers answers on the export.
     for case in [c for c in cases if c["name"].startswith("odd_")]:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from export_parity import assert_export_computes_the_run
 from family_models import FAMILY_CASES, family_llm_dir, tower_dir
 from training_fixtures import Bases, run_overrides, synthetic_data
 from vir.cli import chat as chat_cli
@@ -23,7 +24,6 @@ from vir.data.images import open_user_image, preprocess_images
 from vir.data.templates import build_generation_prompt, generation_stop_ids, get_template
 from vir.export.hf_llava import export_hf_llava
 from vir.models.checkpoint import load_run
-from vir.models.loss import softcap_logits
 from vir.training.run import run_training
 from vir.utils.config import compose_config
 
@@ -98,26 +98,8 @@ def test_each_family_exports_what_its_run_computes(name, pipeline, capsys):
     assert end_of_turn and end_of_turn <= set(stops)
     assert tokenizer.eos_token_id in stops
     softcap = getattr(model.config, "final_logit_softcapping", None)  # transformers' Llava does not cap (module doc)
-    for item in cases:
-        images = [open_user_image(p) for p in item["images"]]
-        text = "".join("<image>\n" for _ in images) + item["question"]
-        ids = build_generation_prompt([Message("user", text)], tokenizer, case.template, model.config.image_token_id,
-                                      model.config.num_image_tokens)
-        got = result["hf"][item["name"]]
-        assert got["input_ids"].tolist() == ids, item["name"]  # the exported chat template renders training's ids
-        assert got["two_step_ids"].tolist() == ids, item["name"]  # rendered first, then processor(text=...)
-        kwargs = {}
-        if images:
-            pixels = preprocess_images(images, processor, run_config.data.image_aspect_ratio)
-            assert torch.allclose(got["pixel_values"], pixels, atol=1e-5), item["name"]
-            kwargs["pixel_values"] = pixels
-        with torch.no_grad():
-            logits = model(input_ids=torch.tensor([ids]), **kwargs).logits[0]
-        assert (logits - softcap_logits(got["logits"], softcap)).abs().max() < 1e-4, item["name"]
-        ours = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=8, do_sample=False,
-                              eos_token_id=json.loads((result["export"] / "generation_config.json").read_text())[
-                                  "eos_token_id"], pad_token_id=tokenizer.pad_token_id, **kwargs)
-        assert ours[0, len(ids):].tolist() == got["generated"].tolist(), item["name"]
+    assert_export_computes_the_run(model, tokenizer, processor, run_config.data.image_aspect_ratio, case.template,
+                                   cases, result["hf"], stops, softcap)
 
     # What a user types: `vir-chat RUN --image X --prompt Q` answers what plain transformers answers on the export.
     capsys.readouterr()
