@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -52,12 +53,19 @@ def runs(tmp_path_factory):
         command = [*launcher, str(DRIVER), str(out), *common, f"training.output_dir={out / 'run'}", *extra]
         proc = subprocess.run(command, capture_output=True, text=True, timeout=600,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert proc.returncode == 0, f"{name}: {proc.stderr[-3000:]}"
+        assert proc.returncode == 0, f"{name}: {_failure(proc.stderr)}"
         history = json.loads((out / "run" / "trainer_state.json").read_text())["log_history"]
         losses = [row["loss"] for row in history if "loss" in row]
         weights = {rank: torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in range(procs)}
         results[name] = (losses, weights, out / "run")
     return results
+
+
+def _failure(stderr: str) -> str:
+    """What a failed launch printed: every line a worker other than rank 0 wrote (its own error, which the launcher's
+    summary leaves out and rank 0's "connection closed" hides), then the end of the output."""
+    others = [line for line in stderr.splitlines() if re.match(r"\[(rank|default)[1-9]\d*\]", line)]
+    return "\n".join(others[-60:]) + "\n...\n" + stderr[-3000:]
 
 
 def _max_difference(a: dict, b: dict) -> float:
@@ -125,7 +133,7 @@ def test_zero3_trains_a_tied_embedding_family_as_one_process_does(tmp_path_facto
                "training.deepspeed=zero3"]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, _failure(proc.stderr)
 
     def losses(run_dir):
         history = json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
