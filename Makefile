@@ -15,7 +15,7 @@ TRAIN_ARGS ?=  # Hydra overrides, e.g. make train TRAIN_ARGS="training.max_steps
 EXPERIMENT ?= local_debug
 TRAIN_THREADS ?= $(shell n=$$(( $$(nproc) / $(TRAIN_PROCS) )); [ $$n -ge 1 ] && echo $$n || echo 1)
 
-.PHONY: install train test browser demo bench plan-check gpu-check clean
+.PHONY: install train test browser demo bench plan-check gpu-check interop-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -72,6 +72,16 @@ plan-check: $(STAMP)
 GPU_PYTHON ?= $(PY)
 gpu-check: $(STAMP)
 	$(GPU_PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
+
+# The run read by the stacks users already run: LLaVA's own package (llava-torch 1.2.2.post1 at its pins) loads
+# `vir-export --format llava` from a moved copy and builds a checkpoint vir imports; transformers 4.57.6 reads the
+# default export. The virtualenvs are built once from PyPI under VIR_INTEROP_HOME (~/.cache/vir-interop; 6.5 GB
+# with LLaVA's CUDA torch 2.0.1, ~10 minutes the first time); the checks then take about a minute on the run of
+# `make train` (trained first when missing). Not part of `make test`. Prints one line per check; non-zero on a failure.
+INTEROP_RUN ?= runs/local_debug
+interop-check: $(STAMP)
+	@test -f $(INTEROP_RUN)/training_complete.json || [ "$(INTEROP_RUN)" != runs/local_debug ] || $(MAKE) train
+	$(PY) scripts/interop/check.py --run $(INTEROP_RUN)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

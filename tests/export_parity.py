@@ -39,3 +39,19 @@ def assert_export_computes_the_run(model, tokenizer, processor, aspect_ratio: st
         ours = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=8, do_sample=False, eos_token_id=stop_ids,
                               pad_token_id=tokenizer.pad_token_id, **kwargs)
         assert ours[0, len(ids):].tolist() == got["generated"].tolist(), case["name"]
+
+
+def assert_tokenizer_files_read_by_transformers_4(directory) -> None:
+    """The tokenizer files of an export in the form transformers 4.x and tokenizers 0.15 read: a class 4.x has,
+    added special tokens as `additional_special_tokens`, BPE merges as `"a b"` strings, the chat template inside
+    `tokenizer_config.json` (4.x before 4.50 never reads `chat_template.jinja`)."""
+    import json
+    from pathlib import Path
+
+    directory = Path(directory)
+    tokenizer_config = json.loads((directory / "tokenizer_config.json").read_text())
+    assert tokenizer_config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert "<image>" in tokenizer_config["additional_special_tokens"] and "extra_special_tokens" not in tokenizer_config
+    assert tokenizer_config["chat_template"] == (directory / "chat_template.jinja").read_text()
+    merges = json.loads((directory / "tokenizer.json").read_text())["model"]["merges"]
+    assert merges and all(isinstance(merge, str) and len(merge.split(" ")) == 2 for merge in merges)

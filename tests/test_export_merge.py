@@ -12,8 +12,11 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from export_parity import assert_tokenizer_files_read_by_transformers_4
 from training_fixtures import full_run, lora_run, mixed_batch, stage1_run, tiny_bases
 
+from vir.data.conversation import Message
+from vir.data.templates import build_generation_prompt
 from vir.inference.evaluate import evaluate_run
 from vir.models.checkpoint import load_run
 from vir.models.llava_arch import LlavaLlamaForCausalLM
@@ -66,17 +69,43 @@ def test_vir_eval_and_vir_chat_on_a_merged_run_answer_as_on_the_run(tmp_path_fac
     assert answers[0] == answers[1] and answers[0].strip()
 
 
-def test_the_llava_layout_has_llavas_config_keys_and_files(tmp_path_factory, tmp_path):
+def _llava_image_token_ids(prompt: str, tokenizer) -> list:
+    """What LLaVA 1.2.2's `tokenizer_image_token` returns (its documented behaviour, restated as the test's
+    reference): each piece between `<image>` tags tokenized with the tokenizer's special tokens; when the first
+    piece starts with bos, that bos is kept once and the first token of every later piece is dropped; -200 marks
+    each image."""
+    pieces = [tokenizer(piece).input_ids for piece in prompt.split("<image>")]
+    offset = 1 if pieces[0][:1] == [tokenizer.bos_token_id] else 0
+    ids = pieces[0][:offset]
+    for index, piece in enumerate(pieces):
+        ids += ([-200] if index else []) + piece[offset:]
+    return ids
+
+
+def test_the_llava_layout_is_what_llavas_loader_reads_from_a_moved_copy(tmp_path_factory, tmp_path):
+    """`--format llava`: LLaVA's config keys and files, in the forms transformers 4.36 / tokenizers 0.15 read, a
+    tower reference that resolves wherever the directory goes, and the README's prompt recipe giving training's
+    ids through LLaVA's `tokenizer_image_token`. `make interop-check` loads it with LLaVA's own code."""
+    from transformers import AutoTokenizer
+
     run = lora_run(tmp_path_factory)
-    out = tmp_path / "llava"
-    _cli("vir.cli.export", str(run.output_dir), str(out), "--format", "llava")
+    exported, out = tmp_path / "llava", tmp_path / "elsewhere" / "llava-moved"
+    _cli("vir.cli.export", str(run.output_dir), str(exported), "--format", "llava")
+    out.parent.mkdir()
+    exported.rename(out)
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "llava_llama" and config["architectures"] == ["LlavaLlamaForCausalLM"]
     assert config["mm_projector_type"] == "mlp2x_gelu" and config["mm_vision_select_layer"] == -2
     assert config["mm_vision_select_feature"] == "patch" and config["mm_hidden_size"] == 32
     assert config["image_aspect_ratio"] == "pad" and config["mm_use_im_start_end"] is False
-    assert Path(config["mm_vision_tower"]) == (out / "vision_tower").resolve()
+    assert config["mm_use_im_patch_token"] is False  # LLaVA's loader would add <im_patch> and resize otherwise
+    assert config["mm_vision_tower"] == "vision_tower" and (out / config["mm_vision_tower"]).is_dir()
+    assert config["rope_theta"] == run.model.config.rope_parameters["rope_theta"]  # 4.x reads only rope_theta
     assert json.loads((out / "vision_tower" / "config.json").read_text())["model_type"] == "clip_vision_model"
+    tower_keys = set(load_file(str(out / "vision_tower" / "model.safetensors")))
+    assert tower_keys and all(key.startswith("vision_model.") for key in tower_keys)  # CLIPVisionModel 4.x's names
+    assert (out / "vision_tower" / "preprocessor_config.json").is_file()
+    assert_tokenizer_files_read_by_transformers_4(out)
     keys = set(load_file(str(out / "model.safetensors")))
     assert {"model.mm_projector.0.weight", "model.mm_projector.2.bias", "lm_head.weight",
             "model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight"} <= keys
@@ -84,6 +113,34 @@ def test_the_llava_layout_has_llavas_config_keys_and_files(tmp_path_factory, tmp
     projector = torch.load(out / "mm_projector.bin", weights_only=True)
     assert sorted(projector) == ["model.mm_projector.0.bias", "model.mm_projector.0.weight",
                                  "model.mm_projector.2.bias", "model.mm_projector.2.weight"]
+
+    readme = (out / "README.md").read_text()
+    assert "mm_vision_tower=os.path.join(path, 'vision_tower')" in readme and "tokenizer_image_token" in readme
+    assert "composites transparent images" in readme and "transformers 4.36.2" in readme
+    # The README's recipe through LLaVA's tokenizer_image_token gives training's ids, one -200 per image.
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "<image>\nWhat colour?"}], tokenize=False,
+                                           add_generation_prompt=True)
+    assert prompt.startswith(tokenizer.bos_token)
+    ids = _llava_image_token_ids(prompt[len(tokenizer.bos_token):], tokenizer)
+    image_id, n = run.model.config.image_token_id, run.model.config.num_image_tokens
+    trained = build_generation_prompt([Message("user", "<image>\nWhat colour?")], tokenizer, "llama3", image_id, n)
+    assert [t for i in ids for t in ([image_id] * n if i == -200 else [i])] == trained
+    assert _llava_image_token_ids(prompt, tokenizer)[:2] == [tokenizer.bos_token_id] * 2  # the bos left in: twice
+
+
+def test_the_llava_layout_names_a_hub_tower_only_for_an_untrained_one(tmp_path_factory, tmp_path):
+    from vir.export.merge import export_llava_original
+    from vir.utils.errors import UserError
+
+    out = export_llava_original(lora_run(tmp_path_factory).output_dir, tmp_path / "llava",
+                                vision_tower_id="openai/clip-vit-large-patch14-336")
+    assert json.loads((out / "config.json").read_text())["mm_vision_tower"] == "openai/clip-vit-large-patch14-336"
+    assert "`openai/clip-vit-large-patch14-336`, the hub checkpoint" in (out / "README.md").read_text()
+    with pytest.raises(UserError, match="trained its vision tower"):
+        export_llava_original(full_run(tmp_path_factory).output_dir, tmp_path / "full",
+                              vision_tower_id="openai/clip-vit-large-patch14-336")
+    assert not (tmp_path / "full").exists()
 
 
 def test_no_merge_keeps_the_adapter_apart_and_base_plus_adapter_is_the_merged_model(tmp_path_factory, tmp_path):

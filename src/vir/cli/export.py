@@ -5,6 +5,7 @@ safetensors sharded past `--max-shard-size`, the processor with the training cha
     vir-export runs/my_run exports/my_run
     vir-export runs/my_run exports/my_run_adapter --no-merge     # base + projector, adapter/ beside it
     vir-export runs/my_run exports/my_run_llava --format llava   # LLaVA's own layout (llava_llama, mm_projector.bin)
+    vir-export runs/my_run exports/llava-x --format llava --vision-tower-id openai/clip-vit-large-patch14-336
     vir-export runs/my_run exports/my_run --overwrite            # replace an earlier export of the same format
 
 OUT_DIR is written whole or not at all (staged beside it, then renamed into place).
@@ -31,6 +32,10 @@ def main(argv=None) -> None:
     parser.add_argument("--format", default="hf", choices=["hf", "llava"],
                         help="hf: transformers' LlavaForConditionalGeneration (vLLM, SGLang); llava: LLaVA's original "
                              "llava_llama layout with mm_projector.bin and the tower in vision_tower/")
+    parser.add_argument("--vision-tower-id", default=None, metavar="HUB_ID",
+                        help="--format llava: write this hub id (e.g. openai/clip-vit-large-patch14-336) as "
+                             "mm_vision_tower, for a run whose frozen tower is that checkpoint; by default it names "
+                             "the copy in OUT_DIR/vision_tower, relative to OUT_DIR")
     parser.add_argument("--no-merge", action="store_true", help="keep the LoRA adapter apart, in OUT_DIR/adapter/")
     parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="e.g. 5GB (the default), 500MB")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
@@ -40,10 +45,12 @@ def main(argv=None) -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     if args.format == "llava" and (args.no_merge or args.dtype):
         parser.error("--format llava writes merged weights in the run's dtype (no --no-merge, no --dtype)")
+    if args.vision_tower_id and args.format != "llava":
+        parser.error("--vision-tower-id is for --format llava (the hf format keeps its tower in its weights)")
     try:
         if args.format == "llava":
             out = export_llava_original(args.run_dir, args.out_dir, max_shard_size=args.max_shard_size,
-                                        overwrite=args.overwrite)
+                                        overwrite=args.overwrite, vision_tower_id=args.vision_tower_id)
         else:
             out = export_hf_llava(args.run_dir, args.out_dir, merge=not args.no_merge,
                                   max_shard_size=args.max_shard_size, dtype=args.dtype, overwrite=args.overwrite)

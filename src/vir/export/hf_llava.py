@@ -189,7 +189,8 @@ def export_hf_llava(run_dir: PathLike, out_dir: PathLike, merge: bool = True,
             _write_adapter(model, staging / "adapter")
         quantization = run_config.model.llm.quantization
         write_model_card(staging, run, run_config, merged=merge and (run / ADAPTER_CONFIG_FILE).is_file(),
-                         dequantized=quantization != "none", aspect_ratio=run_config.data.image_aspect_ratio)
+                         dequantized=quantization != "none", aspect_ratio=run_config.data.image_aspect_ratio,
+                         text_model_type=config.text_model_type)
     logger.info("exported %s -> %s (LlavaForConditionalGeneration)", run, out)
     return out
 

@@ -12,13 +12,15 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import torch
 from omegaconf import DictConfig
 
 from vir.export.card import write_model_card
+from vir.export.chat_template import chat_template_for
 from vir.export.destination import check_destination, staged_export
+from vir.export.portable import add_legacy_rope_fields, nest_tower_keys, write_portable_tokenizer
 from vir.models.checkpoint import ADAPTER_CONFIG_FILE, PathLike, load_run, write_run_artifacts
 from vir.utils.errors import UserError
 
@@ -76,23 +78,49 @@ def write_merged(merged: Merged, out: Path, max_shard_size: str) -> None:
 
 
 def export_llava_original(run_dir: PathLike, out_dir: PathLike, max_shard_size: str = "5GB",
-                          overwrite: bool = False) -> Path:
-    """LLaVA's own layout: the merged checkpoint (`model_type` llava_llama, `mm_*` fields, `mm_projector.bin`,
-    LLaVA's key names) with the CLIP tower copied into `vision_tower/`, which `mm_vision_tower` names (by its
-    final absolute path). `out_dir` is checked and written as `merge_run`'s is."""
+                          overwrite: bool = False, vision_tower_id: Optional[str] = None) -> Path:
+    """LLaVA's own layout, which haotian-liu/LLaVA's `load_pretrained_model` (transformers 4.36, tokenizers 0.15)
+    loads from wherever the directory is moved: the merged checkpoint (`model_type` llava_llama, `mm_*` fields,
+    `mm_projector.bin`, LLaVA's key names) with the CLIP tower copied into `vision_tower/` (`write_llava_files`).
+    `mm_vision_tower` is `vision_tower`, relative to the export, or `vision_tower_id` (a hub id such as
+    `openai/clip-vit-large-patch14-336`, for a run whose tower is that checkpoint, untrained). `out_dir` is checked
+    and written as `merge_run`'s is."""
     check_destination(run_dir, out_dir, "llava", overwrite)
     _check_llava_loads(Path(run_dir))
     merged = load_merged(run_dir)
+    if vision_tower_id and not merged.run_config.model.vision_tower.freeze:
+        raise UserError(f"--vision-tower-id {vision_tower_id}: this run trained its vision tower "
+                        "(model.vision_tower.freeze=false), so the checkpoint that id names is not its tower; "
+                        "leave --vision-tower-id out to reference the trained tower in vision_tower/")
     with staged_export(run_dir, out_dir, "llava") as staging:
         write_merged(merged, staging, max_shard_size)
-        tower = staging / TOWER_DIR
-        merged.model.get_model().vision_tower.vision_tower.save_pretrained(str(tower))
-        merged.image_processor.save_pretrained(str(tower))
-        config_file = staging / "config.json"
-        config = json.loads(config_file.read_text())
-        config.update(LLAVA_FIELDS, mm_vision_tower=str(Path(out_dir).resolve() / TOWER_DIR))
-        config_file.write_text(json.dumps(config, indent=2) + "\n")
+        write_llava_files(merged, staging, vision_tower_id or TOWER_DIR)
     return Path(out_dir)
+
+
+def write_llava_files(merged: Merged, out: Path, vision_tower: str) -> None:
+    """What LLaVA's loader reads beside a merged checkpoint in `out`, in the forms transformers 4.x and tokenizers
+    0.15 read (`vir.export.portable`): the tower and its image processor in `vision_tower/` (keys under
+    `vision_model.`), LLaVA's config fields with `mm_vision_tower` set to `vision_tower` and `rope_theta` written
+    out, the tokenizer with the training chat template, and a README on loading and prompting it."""
+    tower = out / TOWER_DIR
+    merged.model.get_model().vision_tower.vision_tower.save_pretrained(str(tower))
+    merged.image_processor.save_pretrained(str(tower))
+    nest_tower_keys(tower, tower_prefixes=("",))
+    data = merged.run_config.data
+    tokenizer = merged.tokenizer
+    tokenizer.chat_template = chat_template_for(data.template, tokenizer, data.system_prompt,
+                                                merged.run_config.model.image_token)
+    tokenizer.save_pretrained(str(out))
+    write_portable_tokenizer(out)
+    config_file = out / "config.json"
+    config = json.loads(config_file.read_text())
+    config.update(LLAVA_FIELDS, mm_vision_tower=vision_tower)
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
+    add_legacy_rope_fields(config_file)
+    write_model_card(out, merged.run, merged.run_config, merged=(merged.run / ADAPTER_CONFIG_FILE).is_file(),
+                     dequantized=merged.dequantized, aspect_ratio=data.image_aspect_ratio, layout="llava",
+                     vision_tower=vision_tower)
 
 
 # What LLaVA's own `load_pretrained_model` builds: LlavaLlamaForCausalLM / LlavaMistralForCausalLM, a CLIP tower.

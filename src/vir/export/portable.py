@@ -7,6 +7,8 @@
 - `tokenizer.json` writes BPE merges as `"a b"` strings, the form every tokenizers release reads (0.20 onwards
   write `["a", "b"]` pairs, which 0.15 cannot parse). A merge whose parts hold a space cannot be written that way
   and stays a pair.
+- The chat template inside `tokenizer_config.json` too: transformers 5 writes it only to `chat_template.jinja`,
+  which 4.x before 4.50 never reads (it then renders its own default, ChatML, silently).
 - `rope_theta` (and `rope_scaling`) beside transformers 5's `rope_parameters`: transformers 4.x reads only those,
   and without them runs RoPE at base 10000 whatever the model was trained with.
 - Vision-tower weights under `vision_model.` (`model.vision_tower.vision_model.*`), where transformers 4.x's
@@ -38,6 +40,9 @@ def write_portable_tokenizer(directory: Path) -> None:
             config.pop("extra_special_tokens")
             config["additional_special_tokens"] = list(dict.fromkeys([*config.get("additional_special_tokens", []),
                                                                       *extra]))
+        template_file = Path(directory) / "chat_template.jinja"
+        if template_file.is_file() and not config.get("chat_template"):
+            config["chat_template"] = template_file.read_text()
         config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     tokenizer_file = Path(directory) / "tokenizer.json"
     if tokenizer_file.is_file():
