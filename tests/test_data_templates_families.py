@@ -21,7 +21,7 @@ from vir.data.templates import (
 from vir.data.templates_auto import as_parts
 from vir.data.templates_text import VICUNA_V1_SYSTEM, TemplateError
 from vir.export.chat_template import chat_template_for
-from vir.export.hf_llava import drop_implicit_bos
+from vir.export.chat_template import drop_implicit_bos
 
 USER, ASSISTANT = "user", "assistant"
 RECORDS = {

@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 from export_parity import assert_tokenizer_files_read_by_transformers_4
+from family_tokenizers import FAMILIES, FAMILY_TEMPLATES, family_tokenizer
 from training_fixtures import full_run, lora_run, mixed_batch, stage1_run, tiny_bases
 
 from vir.data.conversation import Message
@@ -69,27 +69,14 @@ def test_vir_eval_and_vir_chat_on_a_merged_run_answer_as_on_the_run(tmp_path_fac
     assert answers[0] == answers[1] and answers[0].strip()
 
 
-def _llava_image_token_ids(prompt: str, tokenizer) -> list:
-    """What LLaVA 1.2.2's `tokenizer_image_token` returns (its documented behaviour, restated as the test's
-    reference): each piece between `<image>` tags tokenized with the tokenizer's special tokens; when the first
-    piece starts with bos, that bos is kept once and the first token of every later piece is dropped; -200 marks
-    each image."""
-    pieces = [tokenizer(piece).input_ids for piece in prompt.split("<image>")]
-    offset = 1 if pieces[0][:1] == [tokenizer.bos_token_id] else 0
-    ids = pieces[0][:offset]
-    for index, piece in enumerate(pieces):
-        ids += ([-200] if index else []) + piece[offset:]
-    return ids
-
-
 def test_the_llava_layout_is_what_llavas_loader_reads_from_a_moved_copy(tmp_path_factory, tmp_path):
     """`--format llava`: LLaVA's config keys and files, in the forms transformers 4.36 / tokenizers 0.15 read, a
-    tower reference that resolves wherever the directory goes, and the README's prompt recipe giving training's
-    ids through LLaVA's `tokenizer_image_token`. `make interop-check` loads it with LLaVA's own code."""
+    tower reference that resolves wherever the directory goes, and the README's prompt giving training's ids.
+    `make interop-check` loads it with LLaVA's own code."""
     from transformers import AutoTokenizer
 
     run = lora_run(tmp_path_factory)
-    exported, out = tmp_path / "llava", tmp_path / "elsewhere" / "llava-moved"
+    exported, out = tmp_path / "llava-exported", tmp_path / "elsewhere" / "llava-moved"
     _cli("vir.cli.export", str(run.output_dir), str(exported), "--format", "llava")
     out.parent.mkdir()
     exported.rename(out)
@@ -115,18 +102,47 @@ def test_the_llava_layout_is_what_llavas_loader_reads_from_a_moved_copy(tmp_path
                                  "model.mm_projector.2.bias", "model.mm_projector.2.weight"]
 
     readme = (out / "README.md").read_text()
-    assert "mm_vision_tower=os.path.join(path, 'vision_tower')" in readme and "tokenizer_image_token" in readme
+    assert "mm_vision_tower=os.path.join(path, 'vision_tower')" in readme and "IMAGE_TOKEN_INDEX if i" in readme
     assert "composites transparent images" in readme and "transformers 4.36.2" in readme
-    # The README's recipe through LLaVA's tokenizer_image_token gives training's ids, one -200 per image.
+    assert "load_pretrained_model(path, None, 'llava-exported'," in readme  # the final name, not the staging one
+    # The README's prompt: the chat template's ids are training's, one image token per image.
     tokenizer = AutoTokenizer.from_pretrained(str(out))
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "<image>\nWhat colour?"}], tokenize=False,
                                            add_generation_prompt=True)
-    assert prompt.startswith(tokenizer.bos_token)
-    ids = _llava_image_token_ids(prompt[len(tokenizer.bos_token):], tokenizer)
+    ids = tokenizer(prompt).input_ids
     image_id, n = run.model.config.image_token_id, run.model.config.num_image_tokens
     trained = build_generation_prompt([Message("user", "<image>\nWhat colour?")], tokenizer, "llama3", image_id, n)
-    assert [t for i in ids for t in ([image_id] * n if i == -200 else [i])] == trained
-    assert _llava_image_token_ids(prompt, tokenizer)[:2] == [tokenizer.bos_token_id] * 2  # the bos left in: twice
+    assert [t for i in ids for t in ([image_id] * n if i == image_id else [i])] == trained
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_llava_layouts_prompt_recipe_gives_training_ids_for_every_family(family, tmp_path):
+    """The tokenizer `--format llava` ships (the training chat template; a bos added only where it writes none),
+    saved in the portable form and read back: the README's prompt, rendered and then tokenized, gives training's
+    ids, one image token per image, for each family's tokenizer and template."""
+    from transformers import AutoTokenizer
+
+    from vir.export.chat_template import chat_template_for, drop_implicit_bos
+    from vir.export.portable import write_portable_tokenizer
+    from vir.models.builder import prepare_tokenizer
+
+    tokenizer = prepare_tokenizer(family_tokenizer(family, tmp_path / "source"))  # a fresh copy: it is changed
+    template = FAMILY_TEMPLATES[family]
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    tokenizer.chat_template = chat_template_for(template, tokenizer)
+    drop_implicit_bos(tokenizer, template, image_id, 1, tokenizer.chat_template)
+    tokenizer.save_pretrained(str(tmp_path))
+    write_portable_tokenizer(tmp_path)
+    backend = json.loads((tmp_path / "tokenizer.json").read_text())
+    for part in (backend["pre_tokenizer"], backend["decoder"]):  # tokenizers 0.15 requires add_prefix_space
+        assert part is None or part["type"] != "Metaspace" or "add_prefix_space" in part
+    reloaded = AutoTokenizer.from_pretrained(str(tmp_path))
+    for text in ("<image>\nWhat colour?", "<image>\n<image>\nDescribe the pictures.", "No image here.",
+                 "<image>\nIs it  left of the cat?"):
+        prompt = reloaded.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                              add_generation_prompt=True)
+        expected = build_generation_prompt([Message("user", text)], tokenizer, template, image_id, 1)
+        assert reloaded(prompt).input_ids == expected, text
 
 
 def test_the_llava_layout_names_a_hub_tower_only_for_an_untrained_one(tmp_path_factory, tmp_path):

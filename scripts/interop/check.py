@@ -10,7 +10,12 @@ The checks, on three images (an odd size, a greyscale one, an RGBA one with tran
 - `llava-original-import`: a checkpoint built and saved by LLaVA's own code, loaded by `vir`
   (`model.llm.path` + `model.vision_tower.path`);
 - `hf-format-transformers-4`: the default export read by transformers 4.57.6's `LlavaForConditionalGeneration`.
-Each passes when the prompt ids and pixels are `vir`'s, the logits are within 1e-4 and the greedy tokens equal.
+Each of these passes when the prompt ids and pixels are `vir`'s, the logits are within 1e-4 and the greedy tokens
+equal.
+- `llava-prompt-families`: each model family's tokenizer, written as `--format llava` writes it (the tests' tiny
+  ones: `tests/family_tokenizers.py`), read under LLaVA's transformers 4.36 / tokenizers 0.15: the README's
+  prompt gives training's ids, for texts with one image, two, none, and a run of spaces (required of the families
+  `--format llava` writes; the others are reported).
 Exits 1 when any fails.
 """
 
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -181,7 +187,7 @@ def main(argv=None) -> int:
     def llava_hub_id() -> tuple:
         tower_id = "openai/vir-interop-tiny-clip"
         made = export(args.run, work / "llava-hub-id", "--format", "llava", "--vision-tower-id", tower_id)
-        env = {**subprocess_env(), "HF_HOME": str(hub_cache(work / "hf_home", tower_id, made / "vision_tower")),
+        env = {**os.environ, "HF_HOME": str(hub_cache(work / "hf_home", tower_id, made / "vision_tower")),
                "HF_HUB_OFFLINE": "1"}
         moved = work / "moved" / "llava-hub-id"
         moved.parent.mkdir(parents=True, exist_ok=True)
@@ -225,6 +231,7 @@ def main(argv=None) -> int:
     check("llava-format-hub-id", llava_hub_id)
     check("llava-original-import", llava_original)
     check("hf-format-transformers-4", hf_transformers_4)
+    check("llava-prompt-families", lambda: prompt_families(llava_python, driver, work))
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     failed = [name for name, passed in results.items() if not passed]
@@ -233,10 +240,44 @@ def main(argv=None) -> int:
     return 1 if failed else 0
 
 
-def subprocess_env() -> dict:
-    import os
+PROMPT_TEXTS = ("<image>\nWhat colour?", "<image>\n<image>\nDescribe the pictures.", "No image here.",
+                "<image>\nIs it  left of the cat?")
 
-    return dict(os.environ)
+
+def prompt_families(llava_python: str, driver: str, work: Path) -> tuple:
+    """The README's prompt under LLaVA's stack, per family (see module doc)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from family_tokenizers import FAMILIES, FAMILY_TEMPLATES, family_tokenizer
+
+    from vir.export.chat_template import chat_template_for, drop_implicit_bos
+    from vir.export.portable import write_portable_tokenizer
+    from vir.models.builder import prepare_tokenizer
+
+    folder, expected = work / "family_tokenizers", {}
+    for family in FAMILIES:
+        tokenizer = prepare_tokenizer(family_tokenizer(family, work / "family_sources" / family))
+        template = FAMILY_TEMPLATES[family]
+        image_id = tokenizer.convert_tokens_to_ids("<image>")
+        tokenizer.chat_template = chat_template_for(template, tokenizer)
+        drop_implicit_bos(tokenizer, template, image_id, 1, tokenizer.chat_template)
+        tokenizer.save_pretrained(str(folder / family))
+        write_portable_tokenizer(folder / family)
+        expected[family] = {text: [LLAVA_IMAGE_INDEX if i == image_id else i for i in
+                                   build_generation_prompt([Message("user", text)], tokenizer, template, image_id, 1)]
+                            for text in PROMPT_TEXTS}
+    (work / "texts.json").write_text(json.dumps(PROMPT_TEXTS))
+    run([llava_python, driver, "prompts", str(folder), str(work / "texts.json"), str(work / "prompts.json")])
+    got = json.loads((work / "prompts.json").read_text())
+    verdicts = {family: "equal" if got[family] == expected[family] else
+                (got[family] if isinstance(got[family], str) else
+                 f"{sum(got[family][t] != expected[family][t] for t in PROMPT_TEXTS)}/{len(PROMPT_TEXTS)} differ")
+                for family in FAMILIES}
+    passed = all(verdicts[f] == "equal" for f in LLAVA_FAMILIES)
+    return passed, ", ".join(f"{f} {v}" for f, v in verdicts.items()) + \
+        f" (must be equal: {', '.join(LLAVA_FAMILIES)}, the families --format llava writes)"
+
+
+LLAVA_FAMILIES = ("llama3", "vicuna", "mistral")
 
 
 if __name__ == "__main__":

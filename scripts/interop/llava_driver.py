@@ -3,9 +3,10 @@ original LLaVA checkpoint built by that code; `vir` is unimportable here. Run by
 
     python llava_driver.py load EXPORT_DIR CASES.json OUT.pt [--tower-kwarg]
     python llava_driver.py build OUT_DIR TOWER_DIR TOKENIZER_DIR CASES.json OUT.pt
+    python llava_driver.py prompts TOKENIZERS_DIR TEXTS.json OUT.json
 
 CASES.json: {"stop_ids": [...], "cases": [{"name", "image", "question"}]}. For each case this records what LLaVA's
-code computes, prompted as the export's README says: the ids of `tokenizer_image_token`, the pixels of
+code computes, prompted as the export's README says: the chat template's ids, the pixels of
 `process_images`, the prompt's logits and the greedy tokens (8 at most). Written with torch.save.
 
 `load` runs `load_pretrained_model` as a user would (from another working directory; with `--tower-kwarg` it
@@ -13,6 +14,8 @@ passes `mm_vision_tower=EXPORT_DIR/vision_tower`, else the config's own referenc
 casts to float16, whose CPU kernels torch 2.0 lacks and whose rounding would hide a 1e-4 comparison: so it checks
 that every float16 tensor loaded is the export's tensor rounded, then computes with LLaVA's same classes loaded
 in float32 (`from_pretrained` with the same arguments, tower by `load_model`).
+`prompts` reads each tokenizer under TOKENIZERS_DIR (one folder per model family, written as an export writes
+it) as LLaVA's loader does and records the README's prompt ids for each text of TEXTS.json (a list), or the error.
 `build` makes a tiny checkpoint the way LLaVA's `train.py` does (`initialize_vision_modules`, the `mm_*` config
 fields, `save_pretrained`) from the tower and tokenizer given, and records its outputs.
 """
@@ -38,7 +41,7 @@ from PIL import Image  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from llava.constants import IMAGE_TOKEN_INDEX  # noqa: E402
-from llava.mm_utils import process_images, tokenizer_image_token  # noqa: E402
+from llava.mm_utils import process_images  # noqa: E402
 from llava.model import LlavaLlamaForCausalLM  # noqa: E402
 from llava.model.builder import load_pretrained_model  # noqa: E402
 
@@ -51,13 +54,13 @@ def readme_image(path: str) -> Image.Image:
     return image.convert("RGB")
 
 
-def readme_ids(tokenizer, question: str) -> torch.Tensor:
-    """The prompt as the export's README builds it."""
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "<image>\n" + question}], tokenize=False,
+def readme_ids(tokenizer, text: str) -> torch.Tensor:
+    """The prompt as the export's README builds it: the chat template's ids, the image token made LLaVA's."""
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                            add_generation_prompt=True)
-    if prompt.startswith(tokenizer.bos_token):
-        prompt = prompt[len(tokenizer.bos_token):]
-    return tokenizer_image_token(prompt, tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")[None]
+    ids = tokenizer(prompt).input_ids
+    image_token = tokenizer.convert_tokens_to_ids("<image>")
+    return torch.tensor([[IMAGE_TOKEN_INDEX if i == image_token else i for i in ids]])
 
 
 def run_cases(model, tokenizer, image_processor, spec: dict) -> dict:
@@ -65,7 +68,7 @@ def run_cases(model, tokenizer, image_processor, spec: dict) -> dict:
     for case in spec["cases"]:
         image = readme_image(case["image"])
         pixels = process_images([image], image_processor, model.config).to(torch.float32)
-        ids = readme_ids(tokenizer, case["question"])
+        ids = readme_ids(tokenizer, "<image>\n" + case["question"])
         with torch.no_grad():
             logits = model(input_ids=ids, images=pixels, image_sizes=[image.size]).logits[0]
             generated = model.generate(ids, images=pixels, image_sizes=[image.size], do_sample=False,
@@ -158,11 +161,26 @@ def build(out_dir: str, tower_dir: str, tokenizer_dir: str, cases_file: str, out
     torch.save(results, out_file)
 
 
+def prompts(tokenizers_dir: str, texts_file: str, out_file: str) -> None:
+    from transformers import AutoTokenizer
+
+    texts, results = json.loads(open(texts_file).read()), {}
+    for family in sorted(os.listdir(tokenizers_dir)):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(os.path.join(tokenizers_dir, family), use_fast=False)
+            results[family] = {text: readme_ids(tokenizer, text)[0].tolist() for text in texts}
+        except Exception as err:  # recorded: the check reports it
+            results[family] = f"{type(err).__name__}: {err}"
+    open(out_file, "w").write(json.dumps(results))
+
+
 if __name__ == "__main__":
     command, *arguments = sys.argv[1:]
     if command == "load":
         load(*arguments[:3], tower_kwarg="--tower-kwarg" in arguments[3:])
     elif command == "build":
         build(*arguments)
+    elif command == "prompts":
+        prompts(*arguments)
     else:
         sys.exit(f"unknown command {command!r}: load or build")

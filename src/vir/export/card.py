@@ -33,15 +33,15 @@ def checked_with_note(text_model_type: str) -> str:
 
 def write_model_card(out: Path, run: Path, run_config: DictConfig, merged: bool, dequantized: bool,
                      aspect_ratio: str, layout: str = "hf", vision_tower: str = "vision_tower",
-                     text_model_type: str = "llama") -> Path:
+                     text_model_type: str = "llama", export_name: str | None = None) -> Path:
     """Write `out/README.md` with the run's config, data stats and metrics (when the run has them). `layout`:
     `hf` (transformers' Llava), `vir` (our own run format: a merged checkpoint) or `llava` (LLaVA's original
     layout, whose `mm_vision_tower` is `vision_tower`); `text_model_type`, the LLM's, says which transformers
-    releases an `hf` export was checked with."""
+    releases an `hf` export was checked with; `export_name`, the directory's final name (`out` may be staging)."""
     metrics = _json(run / "metrics.json") or _json(run.parent / "metrics.json")
     stats = _json(run / "data_stats.json")
     if layout == "llava":
-        lines = llava_usage(out.name, run, vision_tower)
+        lines = llava_usage(export_name or out.name, run, vision_tower)
     else:
         lines = _vir_usage(run) if layout == "vir" else _hf_usage(run)
     if layout == "hf":
@@ -120,15 +120,17 @@ def llava_usage(name: str, run: Path, vision_tower: str) -> list:
         "",
         f"`{run}` in haotian-liu/LLaVA's own `llava_llama` layout: full weights (LoRA merged), `mm_projector.bin`,",
         "the CLIP tower in `vision_tower/`, the tokenizer with the chat template it was trained with, and",
-        f"`vir_config.yaml` (`vir-chat` and `vir-eval` load it too). Checked with {LLAVA_CHECKED_WITH}, the oldest",
-        "transformers it was checked with: this is how that code reproduces the ids, pixels and logits of training.",
+        "`vir_config.yaml` (`vir-chat` and `vir-eval` load it too).",
+        "",
+        f"Checked with {LLAVA_CHECKED_WITH}; transformers 4.36.2 is the oldest it was checked with. The code below",
+        "gives that code the ids, pixels and weights of training (`make interop-check` in vir's repository).",
         "",
         "```python",
         "import os",
         "import torch",
         "from PIL import Image",
         "from llava.constants import IMAGE_TOKEN_INDEX",
-        "from llava.mm_utils import process_images, tokenizer_image_token",
+        "from llava.mm_utils import process_images",
         "from llava.model.builder import load_pretrained_model",
         "",
         "path = 'PATH'  # this directory, wherever it now is",
@@ -139,11 +141,11 @@ def llava_usage(name: str, run: Path, vision_tower: str) -> list:
         "    image = Image.alpha_composite(Image.new('RGBA', image.size, 'white'), image.convert('RGBA'))",
         "image = image.convert('RGB')",
         "pixels = process_images([image], image_processor, model.config).to(model.device, model.dtype)",
-        "prompt = tokenizer.apply_chat_template([{'role': 'user', 'content': '<image>\\nWhat is in the picture?'}],",
-        "                                       tokenize=False, add_generation_prompt=True)",
-        "if prompt.startswith(tokenizer.bos_token):  # tokenizer_image_token adds the bos itself",
-        "    prompt = prompt[len(tokenizer.bos_token):]",
-        "input_ids = tokenizer_image_token(prompt, tokenizer, IMAGE_TOKEN_INDEX, return_tensors='pt')[None]",
+        "messages = [{'role': 'user', 'content': '<image>\\nWhat is in the picture?'}]",
+        "prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)",
+        "ids = tokenizer(prompt).input_ids  # training's ids (see below)",
+        "image_token = tokenizer.convert_tokens_to_ids('<image>')  # -> LLaVA's placeholder, one per image",
+        "input_ids = torch.tensor([[IMAGE_TOKEN_INDEX if i == image_token else i for i in ids]])",
         "output = model.generate(input_ids.to(model.device), images=pixels, image_sizes=[image.size],",
         "                        do_sample=False, max_new_tokens=64)",
         "print(tokenizer.decode(output[0], skip_special_tokens=True))",
@@ -156,12 +158,14 @@ def llava_usage(name: str, run: Path, vision_tower: str) -> list:
                 if vision_tower == "vision_tower" else
                 f"`mm_vision_tower` is `{vision_tower}`, the hub checkpoint this model's (frozen) tower is; "
                 "`vision_tower/` holds the same weights for loaders that take a path."),
-        "- The prompt: LLaVA 1.2.2 has no template for every model family (none for Llama-3), so render the "
-        "tokenizer's own chat template, which writes what training wrote, with `<image>\\n` before the question. "
-        "`tokenizer_image_token` tokenizes the text between `<image>` tags piece by piece, lets the tokenizer add "
-        "its bos to each piece and drops it again from all but the first. So the rendered bos must go (else it "
-        "comes twice), and the tokenizer must add a bos itself (this one does). With a tokenizer that adds none, "
-        "it would instead drop the first real token after every `<image>` (the newline).",
+        "- The prompt: LLaVA 1.2.2 has no conversation template for most model families (none for Llama-3), so "
+        "use the tokenizer's chat template: it writes what training wrote, `<image>\\n` before the question, and "
+        "the tokenizer adds a bos only where the template writes none, so tokenizing the rendered text gives "
+        "training's ids, one `<image>` token per image. Do not build them with LLaVA's `tokenizer_image_token`: it "
+        "tokenizes the text between `<image>` tags piece by piece, so a SentencePiece tokenizer (Vicuna, Mistral) "
+        "puts an extra `▁` after every image; and it keeps the first piece's bos and drops the first token of every "
+        "later piece, so with a tokenizer that adds no bos a prompt that writes one loses the newline after "
+        "`<image>`.",
         "- Images: vir composites transparent images (RGBA, LA, P with transparency) on white; LLaVA's "
         "`process_images` and its scripts' `convert('RGB')` drop the alpha channel, which shows what lies under "
         "transparent pixels. Composite them as above to give the model the pixels it was trained on. Padding to a "

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from vir.data.templates import BEGIN_OF_TEXT, END_HEADER, EOT, START_HEADER, check_template
+from vir.data.conversation import Message
+from vir.data.templates import BEGIN_OF_TEXT, END_HEADER, EOT, START_HEADER, build_generation_prompt, check_template
 from vir.data.templates_auto import reads_typed_parts
 from vir.data.templates_text import QWEN2_5_SYSTEM, VICUNA_V1_SYSTEM
 
@@ -147,3 +148,24 @@ def chat_template_for(template_name: str, tokenizer, system_prompt: Optional[str
                 "mistral_instruct": mistral_instruct_chat_template, "chatml": chatml_chat_template,
                 "gemma": gemma_chat_template}
     return builders[template_name](system_prompt, image_token)
+
+
+
+def drop_implicit_bos(tokenizer, template: str, image_token_id: int, num_image_tokens: int,
+                      chat_template: Optional[str] = None) -> None:
+    """Make the tokenizer add a bos only where the chat template relies on it, in place, so every usual way of
+    prompting the export gives training's ids: `apply_chat_template(tokenize=True)` (transformers' processor adds
+    the tokenizer's special tokens unless the rendered text starts with bos), and rendering first, then
+    `processor(text=...)` (special tokens added), as transformers' Llava examples, lmms-eval and vLLM do.
+
+    It keeps adding one only when training's prompts start with bos and the exported `chat_template` does not write
+    it (`vicuna_v1`); it stops when the template writes bos itself (`llama3`: no second one) or when training's
+    prompts have none (Phi-3's and llava-hf's own templates)."""
+    if tokenizer.bos_token is None or tokenizer("a")["input_ids"][:1] != [tokenizer.bos_token_id]:
+        return
+    prompt = build_generation_prompt([Message("user", "a")], tokenizer, template, image_token_id, num_image_tokens)
+    writes_bos = chat_template is not None and tokenizer.apply_chat_template(
+        [{"role": "user", "content": "a"}], chat_template=chat_template, tokenize=False,
+        add_generation_prompt=True).startswith(tokenizer.bos_token)
+    if prompt[:1] != [tokenizer.bos_token_id] or writes_bos:
+        tokenizer.add_bos_token = False

@@ -28,12 +28,11 @@ from omegaconf import DictConfig
 from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, PreTrainedConfig
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
-from vir.data.conversation import Message
-from vir.data.templates import build_generation_prompt, generation_stop_ids
+from vir.data.templates import generation_stop_ids
 from vir.export.card import write_model_card
 from vir.export.destination import check_destination, staged_export
 from vir.export.portable import add_legacy_rope_fields, nest_tower_keys, write_portable_tokenizer
-from vir.export.chat_template import chat_template_for
+from vir.export.chat_template import chat_template_for, drop_implicit_bos
 from vir.models.checkpoint import ADAPTER_CONFIG_FILE, PathLike, load_run
 from vir.models.configuration import has_cls_token
 from vir.models.families import text_config_class
@@ -123,26 +122,6 @@ def hf_processor(tokenizer, image_processor, config: PreTrainedConfig, run_confi
                           vision_feature_select_strategy=feature_select_strategy(config), chat_template=template,
                           image_token=image_token,
                           num_additional_image_tokens=1 if has_cls_token(config.vision_config) else 0)
-
-
-def drop_implicit_bos(tokenizer, template: str, image_token_id: int, num_image_tokens: int,
-                      chat_template: Optional[str] = None) -> None:
-    """Make the tokenizer add a bos only where the chat template relies on it, in place, so every usual way of
-    prompting the export gives training's ids: `apply_chat_template(tokenize=True)` (transformers' processor adds
-    the tokenizer's special tokens unless the rendered text starts with bos), and rendering first, then
-    `processor(text=...)` (special tokens added), as transformers' Llava examples, lmms-eval and vLLM do.
-
-    It keeps adding one only when training's prompts start with bos and the exported `chat_template` does not write
-    it (`vicuna_v1`); it stops when the template writes bos itself (`llama3`: no second one) or when training's
-    prompts have none (Phi-3's and llava-hf's own templates)."""
-    if tokenizer.bos_token is None or tokenizer("a")["input_ids"][:1] != [tokenizer.bos_token_id]:
-        return
-    prompt = build_generation_prompt([Message("user", "a")], tokenizer, template, image_token_id, num_image_tokens)
-    writes_bos = chat_template is not None and tokenizer.apply_chat_template(
-        [{"role": "user", "content": "a"}], chat_template=chat_template, tokenize=False,
-        add_generation_prompt=True).startswith(tokenizer.bos_token)
-    if prompt[:1] != [tokenizer.bos_token_id] or writes_bos:
-        tokenizer.add_bos_token = False
 
 
 def export_hf_llava(run_dir: PathLike, out_dir: PathLike, merge: bool = True,

@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig
 
 from vir.export.card import write_model_card
-from vir.export.chat_template import chat_template_for
+from vir.export.chat_template import chat_template_for, drop_implicit_bos
 from vir.export.destination import check_destination, staged_export
 from vir.export.portable import add_legacy_rope_fields, nest_tower_keys, write_portable_tokenizer
 from vir.models.checkpoint import ADAPTER_CONFIG_FILE, PathLike, load_run, write_run_artifacts
@@ -94,23 +94,27 @@ def export_llava_original(run_dir: PathLike, out_dir: PathLike, max_shard_size: 
                         "leave --vision-tower-id out to reference the trained tower in vision_tower/")
     with staged_export(run_dir, out_dir, "llava") as staging:
         write_merged(merged, staging, max_shard_size)
-        write_llava_files(merged, staging, vision_tower_id or TOWER_DIR)
+        write_llava_files(merged, staging, vision_tower_id or TOWER_DIR, Path(out_dir).name)
     return Path(out_dir)
 
 
-def write_llava_files(merged: Merged, out: Path, vision_tower: str) -> None:
+def write_llava_files(merged: Merged, out: Path, vision_tower: str, name: str) -> None:
     """What LLaVA's loader reads beside a merged checkpoint in `out`, in the forms transformers 4.x and tokenizers
     0.15 read (`vir.export.portable`): the tower and its image processor in `vision_tower/` (keys under
     `vision_model.`), LLaVA's config fields with `mm_vision_tower` set to `vision_tower` and `rope_theta` written
-    out, the tokenizer with the training chat template, and a README on loading and prompting it."""
+    out, the tokenizer with the training chat template, adding a bos only where the template writes none
+    (`drop_implicit_bos`), and a README on loading and prompting it (`name`: the directory's final name)."""
     tower = out / TOWER_DIR
     merged.model.get_model().vision_tower.vision_tower.save_pretrained(str(tower))
     merged.image_processor.save_pretrained(str(tower))
     nest_tower_keys(tower, tower_prefixes=("",))
     data = merged.run_config.data
     tokenizer = merged.tokenizer
+    config = merged.model.config
     tokenizer.chat_template = chat_template_for(data.template, tokenizer, data.system_prompt,
                                                 merged.run_config.model.image_token)
+    drop_implicit_bos(tokenizer, data.template, config.image_token_id, config.num_image_tokens,
+                      tokenizer.chat_template)
     tokenizer.save_pretrained(str(out))
     write_portable_tokenizer(out)
     config_file = out / "config.json"
@@ -120,7 +124,7 @@ def write_llava_files(merged: Merged, out: Path, vision_tower: str) -> None:
     add_legacy_rope_fields(config_file)
     write_model_card(out, merged.run, merged.run_config, merged=(merged.run / ADAPTER_CONFIG_FILE).is_file(),
                      dequantized=merged.dequantized, aspect_ratio=data.image_aspect_ratio, layout="llava",
-                     vision_tower=vision_tower)
+                     vision_tower=vision_tower, export_name=name)
 
 
 # What LLaVA's own `load_pretrained_model` builds: LlavaLlamaForCausalLM / LlavaMistralForCausalLM, a CLIP tower.

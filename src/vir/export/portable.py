@@ -7,6 +7,9 @@
 - `tokenizer.json` writes BPE merges as `"a b"` strings, the form every tokenizers release reads (0.20 onwards
   write `["a", "b"]` pairs, which 0.15 cannot parse). A merge whose parts hold a space cannot be written that way
   and stays a pair.
+- Metaspace pre-tokenizers and decoders (SentencePiece-style: Llama 2, Vicuna, Mistral, Gemma, Phi-3) also carry
+  `add_prefix_space`, which tokenizers 0.15 requires; `split` stays for newer releases. 0.15 ignores `split` and
+  always splits at spaces, so under it a run of several spaces may tokenize differently.
 - The chat template inside `tokenizer_config.json` too: transformers 5 writes it only to `chat_template.jinja`,
   which 4.x before 4.50 never reads (it then renders its own default, ChatML, silently).
 - `rope_theta` (and `rope_scaling`) beside transformers 5's `rope_parameters`: transformers 4.x reads only those,
@@ -52,7 +55,21 @@ def write_portable_tokenizer(directory: Path) -> None:
         if isinstance(merges, list) and merges and isinstance(merges[0], list):
             if not any(" " in part for merge in merges for part in merge):
                 model["merges"] = [" ".join(merge) for merge in merges]
-                tokenizer_file.write_text(json.dumps(data, ensure_ascii=False))
+        for component in (data.get("pre_tokenizer"), data.get("decoder")):
+            _legacy_metaspace(component)
+        tokenizer_file.write_text(json.dumps(data, ensure_ascii=False))
+
+
+def _legacy_metaspace(component: Any) -> None:
+    """Give every Metaspace in a pre-tokenizer or decoder (nested in Sequences too) the `add_prefix_space` field
+    tokenizers 0.15 requires, in place (see module doc)."""
+    if not isinstance(component, dict):
+        return
+    if component.get("type") == "Metaspace" and "add_prefix_space" not in component:
+        component["add_prefix_space"] = component.get("prepend_scheme", "always") != "never"
+    for key in ("pretokenizers", "decoders"):
+        for part in component.get(key) or []:
+            _legacy_metaspace(part)
 
 
 def legacy_rope_fields(config: Dict[str, Any]) -> Dict[str, Any]:
