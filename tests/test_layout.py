@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-from importlib import resources
 from pathlib import Path
 
 import vir
@@ -39,7 +38,10 @@ def test_import_scan_sees_a_demo_import(tmp_path):
     assert {"vir.demo.synthetic", "vir.demo.bases"} <= set(_imported_modules(probe))
 
 
-def test_benchmarks_hold_benchmarks_only():
-    bench = SRC.parents[1] / "benchmarks"
-    assert not list(bench.glob("probe_*.py")) and not list(bench.glob("gpu_sweep*"))
-    assert (resources.files("vir.demo") / "probes").is_dir()
+def test_research_lives_outside_the_package_and_benchmarks_hold_benchmarks_only():
+    repo = SRC.parents[1]
+    assert not list((repo / "benchmarks").glob("probe_*.py")) and not list((repo / "benchmarks").glob("gpu_sweep*"))
+    assert (repo / "research" / "probes" / "gpu_sweep.sh").is_file()
+    shipped = [p.relative_to(SRC) for p in SRC.rglob("*") if p.name.startswith(("probe_", "gpu_sweep", "gpu_trains"))]
+    assert not shipped, shipped  # the package ships what a user runs, not the research behind the demo
+    assert "probes" not in (repo / "pyproject.toml").read_text()

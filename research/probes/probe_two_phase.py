@@ -11,7 +11,7 @@ Measured on the 2-core CPU (2 threads, 2026-11-26): phase A 42.3 / 55.8 / 60.8 %
 (count 86.7 at 2500); phase B 43.0 / 52.2 / 56.3 / 57.7 % at LoRA steps 250 / 500 / 750 / 1000, where LoRA
 from the default's text base (which had not learnt the look-ups) was still at 44 % after 2000 steps.
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/probe_two_phase.py --a-steps 2500 --b-steps 1000
+    OMP_NUM_THREADS=2 .venv/bin/python research/probes/probe_two_phase.py --a-steps 2500 --b-steps 1000
 """
 
 from __future__ import annotations

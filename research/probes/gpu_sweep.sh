@@ -3,26 +3,26 @@
 # cuda` process, all in parallel, with the CPU recipe's steps and batch (steps, not seconds, are what
 # transfer). `train` / `trains`: whole `vir-train` runs (experiment=synthetic_gpu), one or two at once.
 #
-#   here:  src/vir/demo/probes/gpu_sweep.sh pack     # .gpu_deps/: the pure-Python packages the GPU image lacks
+#   here:  research/probes/gpu_sweep.sh pack     # .gpu_deps/: the pure-Python packages the GPU image lacks
 #                                           # (hydra, omegaconf, antlr4) or has at other versions
 #                                           # (transformers, peft, huggingface_hub and its http stack)
-#   there: src/vir/demo/probes/gpu_sweep.sh run FILE # FILE: one variant a line, "name probe-args..."; the
+#   there: research/probes/gpu_sweep.sh run FILE # FILE: one variant a line, "name probe-args..."; the
 #                                           # tokenizer must be at runs/local_debug/data/tokenizer
-#   there: src/vir/demo/probes/gpu_sweep.sh train [OVERRIDES]  # one whole `vir-train` (experiment=synthetic_gpu unless
+#   there: research/probes/gpu_sweep.sh train [OVERRIDES]  # one whole `vir-train` (experiment=synthetic_gpu unless
 #                                           # OVERRIDES name another) in runs/gpu_train, stopped after LIMIT
 #                                           # seconds; its log, metrics and bases land in $OUT
-#   there: src/vir/demo/probes/gpu_sweep.sh trains FILE  # several at once, one a line "name overrides..." (in
+#   there: research/probes/gpu_sweep.sh trains FILE  # several at once, one a line "name overrides..." (in
 #                                           # runs/gpu_NAME); $OUT gets NAME.log, NAME-metrics.json,
 #                                           # NAME-base.json (the LLM base's history) and NAME-bases.tgz
 #                                           # (the trained bases), 2 variants at most (8 files come back)
 #
-#   there: src/vir/demo/probes/gpu_sweep.sh bases [OVERRIDES]  # the bases of experiment=synthetic_gpu alone
+#   there: research/probes/gpu_sweep.sh bases [OVERRIDES]  # the bases of experiment=synthetic_gpu alone
 #                                           # (build_bases.py), stopped after LIMIT seconds; $OUT gets
 #                                           # bases.log, bases-base.json and bases-bases.tgz
 #
 # SWEEP_DEVICE=cpu runs the same probes here (a check of the script). With the device tool: carry
 # [".gpu_deps", "runs/local_debug/data/tokenizer"] (FILE travels if tracked) and run
-# `LIMIT=360 bash src/vir/demo/probes/gpu_sweep.sh run FILE`; each probe is stopped after LIMIT seconds, and
+# `LIMIT=360 bash research/probes/gpu_sweep.sh run FILE`; each probe is stopped after LIMIT seconds, and
 # $OUT/sweep.txt holds every variant's "step seconds {accuracy by type}" lines. Variant files so far:
 # gpu_sweep_sizes.txt (model sizes, 2026-11-26), gpu_sweep_relation.txt (relation, 2026-11-26). Twelve
 # processes share one H100 at ~65 ms a step (6 at ~37 ms), so 12 x 5000 steps do not fit in one 10-minute call.
@@ -76,7 +76,7 @@ train)
 bases)
     shift
     start=$(date +%s)
-    timeout "${LIMIT:-540}" python3 src/vir/demo/probes/build_bases.py experiment=synthetic_gpu \
+    timeout "${LIMIT:-540}" python3 research/probes/build_bases.py experiment=synthetic_gpu \
         training.output_dir=runs/gpu_bases "$@" >"$out/bases.log" 2>&1
     echo "exit $? after $(( $(date +%s) - start )) s" >>"$out/bases.log"
     [ -f runs/gpu_bases/bases/llm/pretrain_metrics.json ] &&
@@ -101,7 +101,7 @@ run)
     while read -r name args; do
         [ -z "$name" ] || [ "${name:0:1}" = "#" ] && continue
         # shellcheck disable=SC2086
-        timeout "${LIMIT:-360}" python3 src/vir/demo/probes/probe_text_base.py --device "${SWEEP_DEVICE:-cuda}" $args \
+        timeout "${LIMIT:-360}" python3 research/probes/probe_text_base.py --device "${SWEEP_DEVICE:-cuda}" $args \
             >"$logs/$name.json" 2>"$logs/$name.log" &
     done <"$variants"
     wait

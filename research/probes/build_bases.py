@@ -1,6 +1,6 @@
 """Build an experiment's demo bases alone (no stages): the synthetic data, then the CLIP tower and the Llama.
 
-    python src/vir/demo/probes/build_bases.py experiment=synthetic_gpu [OVERRIDES]
+    python research/probes/build_bases.py experiment=synthetic_gpu [OVERRIDES]
 
 What `gpu_sweep.sh bases` runs on a lent GPU to rebuild the shipped bases (`experiment=local_debug` copies
 them from `src/vir/demo/assets/bases/local_debug/`); the stages then run here on the CPU with

@@ -19,13 +19,13 @@ but the last row with the tokenizer from before the chat-header fix, ~49 instead
 | batch 8, 4000 steps (same compute) | 46.3 / 55.3 at 2000 / 4000 |
 | batch 16, lr 6e-4 / 1.5e-4 (new tokenizer) | 49.3 / 47.8 at 2000 |
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/probe_text_base.py --steps 2000 --batch 16
+    OMP_NUM_THREADS=1 .venv/bin/python research/probes/probe_text_base.py --steps 2000 --batch 16
 
 `--by-op` scores the held-out questions per program op (colour_of_shape, relation_where, ...) and `--mix`
 trains on another question mix, training-only `locate` included (docs/training-log.md, 2026-11-26);
 `--format description` writes every scene in words, each object with its row and column (2026-11-26).
 
-`--device cuda` runs it on a GPU at the same steps (`benchmarks/gpu_sweep.sh` runs many variants at once on a
+`--device cuda` runs it on a GPU at the same steps (`research/probes/gpu_sweep.sh` runs many variants at once on a
 lent one; its size sweep is in docs/training-log.md).
 """
 

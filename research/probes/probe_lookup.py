@@ -9,15 +9,15 @@ blind baseline (features zeroed). `--oracle` replaces the tower by one-hot cell 
 shape, size, row, column) to separate the vision side from the LLM side.
 
 This is how the stage-2 learning rate was chosen: on an H200, with 13 configurations in parallel, lr 1e-3 or
-3e-3 never left the blind baseline in 8000 steps, while 3e-4 learnt count/exists/attribute (README, Status).
+3e-3 never left the blind baseline in 8000 steps, while 3e-4 learnt count/exists/attribute (docs/training-log.md).
 The LLM side can also start from a saved base (`--init-llm`, e.g. the default's text-pretrained Llama) and
 train as stage2_lora does (`--lora-r`, `--lora-alpha`, LoRA+ `--lora-plus`, peft `--lora-save`), with
 `--beta2`, `--schedule constant` and `--rope-theta` (the pipeline's Llama uses 500000) to vary the optimiser.
 `--aux-types locate` adds training-only sub-skill questions ("Where is the red circle?") to the rotation.
 
-    .venv/bin/python benchmarks/probe_lookup.py --bases runs/local_debug/bases \\
+    .venv/bin/python research/probes/probe_lookup.py --bases runs/local_debug/bases \\
         --tokenizer runs/local_debug/data/tokenizer --steps 3000 --lr 3e-4 [--device cuda] [--oracle]
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/probe_lookup.py --threads 1 --steps 2500 --eval-every 500 \\
+    OMP_NUM_THREADS=1 .venv/bin/python research/probes/probe_lookup.py --threads 1 --steps 2500 --eval-every 500 \\
         --init-llm runs/local_debug/bases/llm --lora-r 16 --lr 1e-3      # ~0.33 s/step on one CPU core
 """
 
