@@ -23,10 +23,10 @@ from vir.data.images import preprocess_images, processor_image_size
 from vir.data.templates import build_generation_prompt, generation_stop_ids
 from vir.data.templates_text import TemplateError
 from vir.inference.generate import generation_pad_id
+from vir.models.builder import DTYPES
 from vir.models.checkpoint import RUN_CONFIG_FILE
 from vir.utils.errors import UserError
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class ModelDirError(UserError):
@@ -136,9 +136,9 @@ def model_kind(path: Path) -> str:
                         "directory (a config.json of model_type llava)")
 
 
-def load_chat_model(path, device: Optional[str] = None, dtype: str = "fp32", load_in_4bit: bool = False) -> ChatModel:
+def load_chat_model(path, device: Optional[str] = None, dtype: str = "float32", load_in_4bit: bool = False) -> ChatModel:
     """Load `path` for chatting on `device` (default: the GPU when there is one, else the CPU) in `dtype`
-    (`fp32` or `bf16`); `load_in_4bit` loads the LLM's weights in nf4 with bitsandbytes (a run, a merge or an
+    (`float32`, `bfloat16` or `float16`, the words of `model.llm.dtype`); `load_in_4bit` loads the LLM's weights in nf4 with bitsandbytes (a run, a merge or an
     export; the tower and the projector stay in full precision)."""
     path = Path(path)
     kind = model_kind(path)

@@ -14,10 +14,10 @@ from typing import List, Optional, Tuple
 
 from vir.app.loading import ChatModel
 from vir.data.records import read_raw_records
+from vir.inference.evaluate import METRICS_FILE
 from vir.utils.errors import UserError
 
 CURVES_FILE = "curves.png"
-METRICS_FILE = "metrics.json"
 SAMPLES_DIR = "samples"
 
 

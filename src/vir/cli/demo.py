@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 
+from vir.utils.config_schema import DTYPE_NAMES
 from vir.utils.errors import UserError
 
 
@@ -24,7 +25,8 @@ def main(argv=None) -> None:
     parser.add_argument("--port", type=int, default=7860, help="the port to serve on (default 7860)")
     parser.add_argument("--host", default="127.0.0.1", help="the address to bind (default 127.0.0.1; 0.0.0.0: all)")
     parser.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when there is one")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights' dtype (default fp32)")
+    parser.add_argument("--dtype", default="float32", choices=DTYPE_NAMES,
+                        help="weights' dtype, as model.llm.dtype names it (default float32)")
     parser.add_argument("--load-in-4bit", action="store_true", help="the LLM in 4-bit nf4 (bitsandbytes)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="the slider's starting value")
     args = parser.parse_args(argv)

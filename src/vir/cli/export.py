@@ -19,6 +19,7 @@ import sys
 
 from vir.export.hf_llava import DEFAULT_MAX_SHARD_SIZE, export_hf_llava
 from vir.export.merge import export_llava_original
+from vir.utils.config_schema import DTYPE_NAMES
 from vir.utils.errors import UserError
 
 
@@ -38,7 +39,7 @@ def main(argv=None) -> None:
                              "the copy in OUT_DIR/vision_tower, relative to OUT_DIR")
     parser.add_argument("--no-merge", action="store_true", help="keep the LoRA adapter apart, in OUT_DIR/adapter/")
     parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="e.g. 5GB (the default), 500MB")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+    parser.add_argument("--dtype", default=None, choices=DTYPE_NAMES,
                         help="cast the weights (default: keep the run's dtype)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

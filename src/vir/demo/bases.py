@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional, Tuple
 
-from vir.demo.common import PACKAGE_PREFIX, PRETRAIN_METRICS_FILE, PathLike, as_dataclass, saved_fingerprint
+from vir.demo.common import PACKAGE_PREFIX, PRETRAIN_METRICS_FILE, as_dataclass, saved_fingerprint
 from vir.demo.config import BasesConfig, LLMPretrainConfig, SyntheticConfig
 from vir.demo.llm_base import pretrain_llm
 from vir.demo.scene_text import grid_token_words, grid_tokens, scene_caption_examples, scene_qa_examples
@@ -29,6 +29,7 @@ from vir.demo.synthetic.questions import AUX_QUESTION_TYPES, QUESTION_TYPES
 from vir.demo.synthetic.splits import check_question_mix
 from vir.demo.vision_base import pretrain_vision_tower
 from vir.training.distributed import main_process_first
+from vir.utils.paths import PathLike
 
 logger = logging.getLogger(__name__)
 

@@ -9,17 +9,17 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Type, TypeVar, Union
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Type, TypeVar
 
 import torch
 from transformers import TrainerCallback, TrainingArguments
 
 from vir.training.distributed import run_state, sum_over_processes
 from vir.utils.errors import UserError
+from vir.utils.paths import PathLike
 
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, Path]
 T = TypeVar("T")
 
 PRETRAIN_METRICS_FILE = "pretrain_metrics.json"

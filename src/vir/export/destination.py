@@ -21,10 +21,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator, Optional
 
-from vir.models.checkpoint import RUN_CONFIG_FILE, PathLike
+from vir.models.checkpoint import RUN_CONFIG_FILE
 from vir.training.checkpoints import COMPLETE_FILE, REPLACED_SUFFIX, STATE_FILE, publish
 from vir.training.preflight import check_output_dir
 from vir.utils.errors import UserError, write_failure
+from vir.utils.paths import PathLike
 
 logger = logging.getLogger(__name__)
 

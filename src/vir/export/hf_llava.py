@@ -33,11 +33,12 @@ from vir.export.card import write_model_card
 from vir.export.destination import check_destination, staged_export
 from vir.export.portable import add_legacy_rope_fields, nest_tower_keys, write_portable_tokenizer
 from vir.export.chat_template import chat_template_for, drop_implicit_bos
-from vir.models.checkpoint import ADAPTER_CONFIG_FILE, PathLike, load_run
+from vir.models.checkpoint import ADAPTER_CONFIG_FILE, load_run
 from vir.models.configuration import has_cls_token
 from vir.models.families import text_config_class
 from vir.models.hf_import import HF_PROJECTOR_LAYERS
 from vir.utils.errors import UserError
+from vir.utils.paths import PathLike
 
 logger = logging.getLogger(__name__)
 

@@ -21,8 +21,9 @@ from vir.export.card import write_model_card
 from vir.export.chat_template import chat_template_for, drop_implicit_bos
 from vir.export.destination import check_destination, staged_export
 from vir.export.portable import add_legacy_rope_fields, nest_tower_keys, write_portable_tokenizer
-from vir.models.checkpoint import ADAPTER_CONFIG_FILE, PathLike, load_run, write_run_artifacts
+from vir.models.checkpoint import ADAPTER_CONFIG_FILE, load_run, write_run_artifacts
 from vir.utils.errors import UserError
+from vir.utils.paths import PathLike
 
 logger = logging.getLogger(__name__)
 

@@ -24,6 +24,7 @@ from vir.models.model_config import build_model_config, read_llm_config, require
 from vir.models.projector import load_projector_state_dict
 from vir.models.quantization import ensure_initialised, quantized_loading
 from vir.utils.config import ConfigError
+from vir.utils.config_schema import DTYPE_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def prepare_tokenizer(
     return tokenizer
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 def build_tokenizer(model_cfg: Any) -> PreTrainedTokenizerBase:
     """AutoTokenizer from `model.tokenizer_path` (else `model.llm.path`), prepared with `prepare_tokenizer`."""
     if model_cfg.tokenizer_path:

@@ -31,9 +31,10 @@ from vir.models.builder import DTYPES, build_model
 from vir.models.families import llava_model_class, register_saved_type
 from vir.models.image_processors import ImageProcessor, load_image_processor
 from vir.models.model_types import model_type_of
-from vir.models.projector import PROJECTOR_FILE, PathLike, load_projector_state_dict, save_projector
+from vir.models.projector import PROJECTOR_FILE, load_projector_state_dict, save_projector
 from vir.models.quantization import QUANTIZATIONS, is_quantized, quantized_loading
 from vir.utils.errors import UserError
+from vir.utils.paths import PathLike
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -27,10 +27,10 @@ from transformers import (
 from vir.models.configuration import VISION_PARENT_TYPES, check_select_feature, has_cls_token
 from vir.models.model_types import TOWER_TYPES, check_model_type
 from vir.utils.errors import UserError
+from vir.utils.paths import PathLike
 
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, Path]
 
 
 # Vision config model_type -> (config class, model class).

@@ -30,8 +30,8 @@ from vir.data.templates import check_template
 from vir.models.configuration import VISION_TYPES_WITH_CLS
 from vir.models.encoder import vision_classes
 from vir.models.model_types import llm_type_problem
-from vir.models.projector import PathLike
 from vir.utils.errors import UserError
+from vir.utils.paths import PathLike
 
 logger = logging.getLogger(__name__)
 

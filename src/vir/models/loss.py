@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from vir.data.conversation import IGNORE_INDEX
 
 
 def softcap_logits(logits: torch.Tensor, softcap: Optional[float]) -> torch.Tensor:

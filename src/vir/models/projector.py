@@ -21,12 +21,12 @@ from transformers import PreTrainedConfig
 
 from vir.models.configuration import PROJECTOR_TYPE_PATTERN, check_projector_type, is_llava_config
 from vir.utils.errors import UserError
+from vir.utils.paths import PathLike
 
 logger = logging.getLogger(__name__)
 
 PROJECTOR_FILE = "mm_projector.bin"
 KEY_PREFIX = "model.mm_projector."
-PathLike = Union[str, Path]
 
 
 class LlavaMultiModalProjector(nn.Sequential):

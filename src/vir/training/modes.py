@@ -23,6 +23,8 @@ logger = logging.getLogger(__name__)
 
 MODES = ("stage1", "stage2_lora", "stage2_full")
 _EXCLUDED_FROM_LORA = ("mm_projector", "vision_tower", "lm_head")
+# The same exclusion for peft (a module whose path holds one of them gets no adapter, whatever its short name).
+LORA_EXCLUDED_PATTERN = r".*(" + "|".join(_EXCLUDED_FROM_LORA) + r").*"
 
 
 def lora_target_modules(model: nn.Module) -> List[str]:
@@ -94,7 +96,7 @@ def apply_training_mode(model: nn.Module, training_cfg, vision_tower_freeze: boo
             lora_alpha=training_cfg.lora_alpha,
             lora_dropout=training_cfg.lora_dropout,
             target_modules=lora_target_modules(base),
-            exclude_modules=r".*(mm_projector|vision_tower|lm_head).*",
+            exclude_modules=LORA_EXCLUDED_PATTERN,
             bias="none",
             task_type="CAUSAL_LM",
         )

@@ -15,6 +15,9 @@ from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
+# The weight dtypes a key or flag may name (`model.llm.dtype`, `vir-export --dtype`, `vir-demo --dtype`).
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
 
 @dataclass
 class LLMConfig:
@@ -37,7 +40,7 @@ class LLMConfig:
     head_dim: Optional[int] = None  # null: hidden_size / num_attention_heads
     tie_word_embeddings: Optional[bool] = None  # null: the family's default (tied for Gemma)
     extra_config: Dict[str, Any] = field(default_factory=dict)  # any other field of the family's config
-    dtype: str = "float32"  # float32 | bfloat16 | float16
+    dtype: str = "float32"  # one of DTYPE_NAMES
     attn_implementation: str = "sdpa"
     # QLoRA: load the LLM's linear layers in 4-bit nf4 (or 8-bit) with bitsandbytes; the vision tower, the
     # projector and lm_head stay in full precision. Needs `path` and training.mode=stage2_lora.

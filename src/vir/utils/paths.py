@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Union
+
+PathLike = Union[str, Path]  # what every function taking a file or directory accepts
 
 
 @contextmanager
