@@ -88,7 +88,9 @@ def test_a_second_turn_carries_the_first(engine, ref):
     messages, images = engine.messages([first, Turn("And the other one?")])
     assert [m.role for m in messages] == ["user", "assistant", "user"] and len(images) == 1
     assert messages[0].content == f"{engine.cm.image_token}\n{ref.question}"
-    assert isinstance(engine.answer([first, Turn("And the other one?")], GREEDY), str)
+    inputs, _ = engine.prepare([first, Turn("And the other one?")], GREEDY)
+    prompt = engine.cm.tokenizer.decode(inputs["input_ids"][0])
+    assert prompt.index(ref.question) < prompt.index(ref.answer) < prompt.index("And the other one?")
 
 
 def test_two_images_get_two_tags(engine, ref):
@@ -99,9 +101,20 @@ def test_two_images_get_two_tags(engine, ref):
     assert inputs["pixel_values"].shape[0] == 2
 
 
-def test_sampling_takes_the_sliders(engine, ref):
-    answer = _ask(engine, ref, Sampling(temperature=1.5, top_p=0.9, max_new_tokens=3))[-1]
-    assert isinstance(answer, str)
+def test_sampling_takes_the_sliders(engine, ref, monkeypatch):
+    """The page's temperature, top-p and max-new-tokens sliders reach `generate`; temperature 0 is greedy."""
+    seen = []
+    generate = engine.cm.model.generate
+
+    def recording(**kwargs):
+        seen.append({k: kwargs.get(k) for k in ("do_sample", "temperature", "top_p", "max_new_tokens")})
+        return generate(**kwargs)
+
+    monkeypatch.setattr(engine.cm.model, "generate", recording)
+    _ask(engine, ref, Sampling(temperature=1.5, top_p=0.9, max_new_tokens=3))
+    _ask(engine, ref, Sampling(temperature=0.0, top_p=0.5, max_new_tokens=2))
+    assert seen == [{"do_sample": True, "temperature": 1.5, "top_p": 0.9, "max_new_tokens": 3},
+                    {"do_sample": False, "temperature": None, "top_p": None, "max_new_tokens": 2}]
 
 
 def _bad_inputs(tmp_path, ref, monkeypatch):

@@ -27,10 +27,16 @@ def test_vir_eval_writes_metrics_with_blind_baseline_and_per_type(run_dir, capsy
     # Another split never overwrites the run's test figures.
     assert json.loads((run_dir / "metrics.json").read_text())["accuracy"] == 0.5
     metrics = json.loads((run_dir / "metrics_eval.json").read_text())
-    assert metrics["n"] == 5 and 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["blind_accuracy"] <= 1
-    assert sum(row["n"] for row in metrics["per_type"].values()) == 5
+    assert metrics["n"] == 5 and sum(row["n"] for row in metrics["per_type"].values()) == 5
     assert all({"accuracy", "blind_accuracy", "n"} <= set(row) for row in metrics["per_type"].values())
-    assert len((run_dir / "predictions_eval.jsonl").read_text().splitlines()) == 5
+    rows = [json.loads(line) for line in (run_dir / "predictions_eval.jsonl").read_text().splitlines()]
+    assert len(rows) == 5 and all(row["prediction"] is not None and row["reference"] for row in rows)
+    # The figures are the written predictions scored: each type's accuracy is its share of correct rows, the overall
+    # one the share of all rows (`correct`, the normalised exact match, is tested in test_inference_scoring).
+    for kind, row in metrics["per_type"].items():
+        of_kind = [r["correct"] for r in rows if r["type"] == kind]
+        assert row["n"] == len(of_kind) and row["accuracy"] == pytest.approx(sum(of_kind) / len(of_kind))
+    assert metrics["accuracy"] == pytest.approx(sum(r["correct"] for r in rows) / 5)
     assert "overall" in out and "metrics_eval.json" in out
 
 

@@ -52,8 +52,11 @@ def test_validate_counts_every_kind_of_record(fixture_data, tokenizer_dir, capsy
     assert summary["records"] == 6 and summary["valid"] == 6 and summary["invalid"] == []
     assert summary["images"] == {"ok": 3, "missing": 1, "corrupt": 1, "refused": 1, "too_large": 0}
     assert (summary["text_only"], summary["single_image"], summary["multi_image"]) == (1, 4, 1)
-    assert 0 < summary["trained_token_fraction"] < 1
     rows = [json.loads(line) for line in (tmp_path / "dump" / "samples.jsonl").read_text().splitlines()]
+    # The fraction is the dumped labels' share of trained (not -100) tokens, and the answers are only part of it.
+    labels = [label for row in rows for label in row["labels"]]
+    assert summary["trained_token_fraction"] == pytest.approx(sum(x != -100 for x in labels) / len(labels))
+    assert 0 < summary["trained_token_fraction"] < 0.5
     assert [r["id"] for r in rows] == [r["id"] for r in records]
     by_id = {r["id"]: r for r in rows}
     assert by_id["escape"]["issues"] == ["image_refused:../outside.png"]
@@ -88,8 +91,6 @@ def test_dumped_labels_match_a_recheck_with_the_dumped_tokenizer(fixture_data, t
 
 
 def test_records_without_an_id_and_shared_ids_are_reported_and_counted(tmp_path, tokenizer_dir, capsys):
-    from vir.data.dataset import LazySupervisedDataset  # noqa: F401 - the class vir-validate and vir-train read with
-
     conversation = [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]
     records = [{"id": "1", "conversations": conversation}, {"conversations": conversation},
                {"id": None, "conversations": conversation}, {"id": "dup", "conversations": conversation},

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
+from family_tokenizers import TEMPLATE_FILES
 
 from vir.data.conversation import IGNORE_INDEX, InvalidRecordError, Message, Record, normalize_record
 from vir.data.templates import (
@@ -104,6 +105,15 @@ def test_unknown_template_lists_choices():
 
 
 # ---- llama3 ------------------------------------------------------------------------------------------
+# Meta's own chat template, as Meta-Llama-3-8B-Instruct ships it (tests/published_templates/README.md): the
+# reference our `llama3` template is compared with, whatever template the fixture tokenizer carries.
+META_LLAMA3 = TEMPLATE_FILES["llama3"].read_text()
+
+
+def meta_ids(tokenizer, messages, **kwargs) -> list:
+    return tokenizer.apply_chat_template(messages, chat_template=META_LLAMA3, tokenize=True, **kwargs)["input_ids"]
+
+
 @pytest.mark.parametrize(
     "messages",
     [
@@ -114,17 +124,17 @@ def test_unknown_template_lists_choices():
     ],
     ids=["images_and_system", "text_only", "two_images_no_system"],
 )
-def test_llama3_ids_equal_apply_chat_template(tokenizer, image_token_id, messages):
+def test_llama3_ids_equal_metas_published_chat_template(tokenizer, image_token_id, messages):
     input_ids, _ = build_example(messages, tokenizer, "llama3", image_token_id, num_image_tokens=1)
-    assert input_ids == tokenizer.apply_chat_template(messages, tokenize=True)["input_ids"]
+    assert input_ids == meta_ids(tokenizer, messages)
 
 
 def test_llama3_system_prompt_is_used_only_without_a_system_turn(tokenizer, image_token_id):
     with_prompt, _ = build_example(TWO_TURNS, tokenizer, "llama3", image_token_id, 1, system_prompt="Be brief.")
-    assert with_prompt == tokenizer.apply_chat_template([SYSTEM, *TWO_TURNS], tokenize=True)["input_ids"]
+    assert with_prompt == meta_ids(tokenizer, [SYSTEM, *TWO_TURNS])
     own_system = [{"role": "system", "content": "Own."}, *TWO_TURNS]
     ids, _ = build_example(own_system, tokenizer, "llama3", image_token_id, 1, system_prompt="Be brief.")
-    assert ids == tokenizer.apply_chat_template(own_system, tokenize=True)["input_ids"]
+    assert ids == meta_ids(tokenizer, own_system)
 
 
 def test_llama3_labels_train_only_assistant_content_and_eot(tokenizer, image_token_id):
@@ -209,7 +219,7 @@ def test_generation_prompt_equals_chat_template_with_generation_prompt(tokenizer
         {"role": "user", "content": "And the square?"},
     ]
     ids = build_generation_prompt(messages, tokenizer, "llama3", image_token_id, num_image_tokens=1)
-    expected = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)["input_ids"]
+    expected = meta_ids(tokenizer, messages, add_generation_prompt=True)
     assert ids == expected
 
 

@@ -82,7 +82,9 @@ def test_write_sample_grid_and_curves_directly(tmp_path, bases):
     items = load_eval_items(bases.data.eval, bases.data.root)[:3]
     predictions = [items[0].reference, "\x07 garbage \x00", ""]  # untrained models emit control bytes
     grid = write_sample_grid(tmp_path / "deep" / "grid.png", items, predictions, title="step 0")
-    assert Image.open(grid).size[0] > 0
+    image = Image.open(grid).convert("RGB")
+    assert image.size[0] >= 3 * 32  # one tile per item, each at least the image's own width
+    assert len(set(image.getdata())) > 10  # images and text were drawn, not a blank canvas
     history = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5, "eval_loss": 1.7, "eval_token_accuracy": 0.4}]
     assert write_curves(tmp_path / "curves.png", history).is_file()
     assert write_curves(tmp_path / "empty.png", []).is_file()

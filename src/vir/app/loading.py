@@ -136,10 +136,11 @@ def model_kind(path: Path) -> str:
                         "directory (a config.json of model_type llava)")
 
 
-def load_chat_model(path, device: Optional[str] = None, dtype: str = "float32", load_in_4bit: bool = False) -> ChatModel:
-    """Load `path` for chatting on `device` (default: the GPU when there is one, else the CPU) in `dtype`
-    (`float32`, `bfloat16` or `float16`, the words of `model.llm.dtype`); `load_in_4bit` loads the LLM's weights in nf4 with bitsandbytes (a run, a merge or an
-    export; the tower and the projector stay in full precision)."""
+def load_chat_model(path, device: Optional[str] = None, dtype: str = "float32",
+                    load_in_4bit: bool = False) -> ChatModel:
+    """Load `path` for chatting on `device` (default: the GPU when there is one, else the CPU) in `dtype` (a word
+    of `model.llm.dtype`: float32, bfloat16, float16); `load_in_4bit` loads the LLM's weights in nf4 with
+    bitsandbytes (a run, a merge or an export; the tower and the projector stay in full precision)."""
     path = Path(path)
     kind = model_kind(path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
