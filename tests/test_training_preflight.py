@@ -157,6 +157,37 @@ def test_the_output_dir_probe_leaves_nothing_behind(tmp_path):
     assert (tmp_path / "kept").is_dir() and list((tmp_path / "kept").iterdir()) == []
 
 
+def test_another_process_checking_while_the_main_one_probes_sees_no_file(tmp_path):
+    """Under torchrun the other ranks check the output directory (probe=False) while the main one creates and
+    removes it for its probe: a directory that vanishes mid-check is not "a file" (a 2-process launch failed so,
+    now and then, before the check took one stat per directory)."""
+    import threading
+
+    from vir.training.preflight import check_output_dir
+    from vir.utils.config import ConfigError
+
+    run = tmp_path / "out" / "run"
+    stop = threading.Event()
+
+    def churn():  # the main process's probe, over and over
+        while not stop.is_set():
+            run.mkdir(parents=True, exist_ok=True)
+            run.rmdir()
+            run.parent.rmdir()
+
+    thread = threading.Thread(target=churn)
+    thread.start()
+    try:
+        for _ in range(3000):
+            check_output_dir(str(run), probe=False)
+    finally:
+        stop.set()
+        thread.join()
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ConfigError, match="a_file is a file, not a directory"):
+        check_output_dir(str(tmp_path / "a_file" / "run"), probe=False)
+
+
 def test_bf16_where_the_device_cannot_compute_it_is_one_line(bases, tmp_path, monkeypatch, capsys):
     from vir.training import preflight
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -48,9 +49,16 @@ def check_output_dir(value: str, key: str = "training.output_dir", probe: bool =
     if _is_system_dir(path):
         raise ConfigError(f"{key}={value} is a system directory: vir fills its output directory with checkpoints or "
                           "weights and may replace files there; choose a directory of its own (e.g. runs/my_run)")
-    ancestor = next(a for a in (path, *path.parents) if a.exists())
-    if not ancestor.is_dir():
-        raise ConfigError(f"{key}={value}: {ancestor} is a file, not a directory; choose another {key}")
+    for ancestor in (path, *path.parents):
+        # One stat per directory: the main process's probe may create and remove these meanwhile (an `exists`
+        # then `is_dir` pair could see a directory vanish in between and call it a file).
+        try:
+            mode = ancestor.stat().st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        if not stat.S_ISDIR(mode):
+            raise ConfigError(f"{key}={value}: {ancestor} is a file, not a directory; choose another {key}")
+        break
     if not probe:
         return
     try:
