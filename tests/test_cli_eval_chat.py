@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from omegaconf import OmegaConf
 from training_fixtures import RUNS
 
@@ -69,6 +70,16 @@ def test_vir_chat_one_shot_and_interactive(run_dir, capsys, monkeypatch):
     chat.main([str(run_dir), "--image", str(image), "--max-new-tokens", "3"])
     lines = [line for line in capsys.readouterr().out.splitlines() if "assistant>" in line]
     assert len(lines) == 2 and lines[0].split("assistant> ", 1)[1].strip() == one_shot
+
+
+def test_vir_chat_takes_several_images_in_order(run_dir, monkeypatch):
+    images = sorted((Path(OmegaConf.load(run_dir / "vir_config.yaml").data.image_folder) / "images").glob("eval_*.png"))
+    seen = []
+    monkeypatch.setattr(chat, "generate_answers", lambda *args, **kwargs: seen.append(args[3][0]) or ["ok"])
+    chat.main([str(run_dir), "--image", str(images[1]), "--image", str(images[0]), "--prompt", "Same?"])
+    query = seen[0]
+    assert query.messages[0].content == "<image>\n<image>\nSame?" and len(query.images) == 2
+    assert [image.size for image in query.images] == [Image.open(images[1]).size, Image.open(images[0]).size]
 
 
 def test_vir_chat_missing_image_exits_with_a_message(run_dir, tmp_path, capsys):

@@ -7,7 +7,7 @@ import itertools
 import pytest
 from family_tokenizers import TEMPLATE_FILES
 
-from vir.data.conversation import IGNORE_INDEX, InvalidRecordError, Message, Record, normalize_record
+from vir.data.conversation import IGNORE_INDEX, InvalidRecordError, Message, Record, normalize_record, tag_images
 from vir.data.templates import (
     SKIP_IMAGES_DO_NOT_FIT,
     SKIP_NO_TRAINED_TOKENS,
@@ -229,3 +229,10 @@ def test_generation_prompt_plain_is_bos_and_image_blocks(tokenizer):
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     ids = build_generation_prompt([{"role": "user", "content": "<image>"}], tokenizer, "plain", image_token_id, 3)
     assert ids == [tokenizer.bos_token_id] + [image_token_id] * 3
+
+
+def test_tag_images_puts_one_tag_per_image_in_front_unless_the_text_has_tags():
+    assert tag_images("Same?", 2) == "<image>\n<image>\nSame?"
+    assert tag_images("Left <image> right", 1) == "Left <image> right"  # the writer placed it
+    assert tag_images("No image.", 0) == "No image."
+    assert tag_images("Q", 1, "<img>") == "<img>\nQ"

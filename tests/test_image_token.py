@@ -67,6 +67,6 @@ def test_a_non_default_image_token_runs_the_whole_path(tmp_path_factory, tmp_pat
     loaded, loaded_tokenizer, processor, run_cfg = load_run(run.output_dir)
     assert run_cfg.model.image_token == TOKEN and loaded.config.image_token == TOKEN
     session = ChatSession(loaded, loaded_tokenizer, processor, run_cfg, max_new_tokens=3)
-    session.reset(samples[0].query.images[0])
+    session.reset(samples[0].query.images[:1])
     session.ask("What is in the picture?")
     assert session.messages[0].content.startswith(f"{TOKEN}\n")

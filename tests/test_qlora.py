@@ -133,7 +133,7 @@ def test_qlora_trains_saves_and_reloads_for_eval_and_chat(bases, tmp_path):
     assert metrics["n"] == 4 and set(metrics["per_type"]) <= {"count", "exists", "attribute", "relation"}
     item = load_eval_items(data.test, data.root)[0]
     session = ChatSession(model, tokenizer, processor, run_cfg, max_new_tokens=3)
-    session.reset(item.query.images[0])
+    session.reset(item.query.images[:1])
     assert isinstance(session.ask("How many objects are there?"), str)
 
     # Merged and exported: LoRA folds into the de-quantised base (the values the 4-bit matmuls used), and says so.

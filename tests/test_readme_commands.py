@@ -256,8 +256,8 @@ def test_the_console_script_parses_the_command(command, monkeypatch, tmp_path, c
             def __init__(self, *a, **k):
                 seen["max_new_tokens"] = a[4] if len(a) > 4 else k.get("max_new_tokens")
 
-            def reset(self, image=None):
-                seen["image"] = image
+            def reset(self, images=()):
+                seen["images"] = list(images)
 
             def ask(self, prompt):
                 seen["prompt"] = prompt
@@ -267,6 +267,7 @@ def test_the_console_script_parses_the_command(command, monkeypatch, tmp_path, c
         monkeypatch.setattr(chat, "open_user_image", lambda path: f"image:{path}")
         monkeypatch.setattr(chat, "ChatSession", FakeSession)
         chat.main(args)
-        assert seen["run_dir"] == args[0] and seen["image"] == f"image:{args[args.index('--image') + 1]}"
+        images = [f"image:{args[k + 1]}" for k, arg in enumerate(args) if arg == "--image"]
+        assert seen["run_dir"] == args[0] and seen["images"] == images and images
         assert seen["prompt"] == args[args.index("--prompt") + 1]
         assert "an answer" in capsys.readouterr().out

@@ -20,7 +20,7 @@ from PIL import Image
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from vir.app.loading import ChatModel
-from vir.data.conversation import Message
+from vir.data.conversation import Message, tag_images
 from vir.data.images import open_user_image
 from vir.utils.errors import UserError
 
@@ -94,10 +94,7 @@ class ChatEngine:
         tag = self.cm.image_token
         messages, images = [], []
         for turn in turns:
-            text = turn.text
-            if turn.images and tag not in text:
-                text = f"{tag}\n" * len(turn.images) + text
-            messages.append(Message("user", text))
+            messages.append(Message("user", tag_images(turn.text, len(turn.images), tag)))
             images.extend(turn.images)
             if turn.answer is not None:
                 messages.append(Message("assistant", turn.answer))

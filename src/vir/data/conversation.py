@@ -43,6 +43,15 @@ class Record:
         return len(self.images)
 
 
+def tag_images(text: str, num_images: int, image_token: str = DEFAULT_IMAGE_TOKEN) -> str:
+    """`text` with one `image_token` line per image in front, LLaVA's placement, unless it already holds a tag (the
+    writer placed them) or there are no images. Training records, `vir-eval`, `vir-chat` and the web page all
+    place tags through this (pure)."""
+    if num_images and image_token not in text:
+        return f"{image_token}\n" * num_images + text
+    return text
+
+
 class InvalidRecordError(UserError):
     """A record that cannot be trained on; `record_id` and `reason` say which and why."""
 
@@ -147,7 +156,7 @@ def _place_image_tags(messages: list[Message], num_images: int, image_token: str
             raise invalid(f"{image_token} tag in {message.role} turn {k}")
     if sum(counts) == 0 and num_images:
         first_user = next(k for k, m in enumerate(messages) if m.role == "user")
-        tagged = Message("user", f"{image_token}\n" * num_images + messages[first_user].content)
+        tagged = Message("user", tag_images(messages[first_user].content, num_images, image_token))
         return messages[:first_user] + [tagged] + messages[first_user + 1 :]
     if sum(counts) != num_images:
         raise invalid(f"{sum(counts)} {image_token} tag(s) but {num_images} image(s)")

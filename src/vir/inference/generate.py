@@ -10,7 +10,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from vir.data.collator import pad_batch
-from vir.data.conversation import DEFAULT_IMAGE_TOKEN, Message
+from vir.data.conversation import DEFAULT_IMAGE_TOKEN, Message, tag_images
 from vir.data.images import preprocess_images
 from vir.data.templates import build_generation_prompt, generation_stop_ids
 
@@ -26,9 +26,7 @@ class Query:
 def question_query(question: str, images: Sequence[Image.Image] = (), image_token: str = DEFAULT_IMAGE_TOKEN) -> Query:
     """A single-turn query; one image tag (`image_token`, the run's `model.image_token`) per image is put in
     front of the question when it has none."""
-    if images and image_token not in question:
-        question = f"{image_token}\n" * len(images) + question
-    return Query([Message("user", question)], list(images))
+    return Query([Message("user", tag_images(question, len(images), image_token))], list(images))
 
 
 def generation_pad_id(tokenizer) -> int:
