@@ -71,8 +71,15 @@ class Reference:
         self.model, self.tokenizer, self.processor = model.eval(), tokenizer, processor
         self.template, self.aspect_ratio = template, aspect_ratio
         self.stop_ids = generation_stop_ids(template, tokenizer, getattr(model, "generation_config", None))
+        self._cases: dict = {}
 
     def case(self, image: Path, question: str) -> dict:
+        """Computed once per image and question: every check compares against the same outputs."""
+        if (image, question) not in self._cases:
+            self._cases[image, question] = self._compute(image, question)
+        return self._cases[image, question]
+
+    def _compute(self, image: Path, question: str) -> dict:
         config = self.model.config
         ids = build_generation_prompt([Message("user", "<image>\n" + question)], self.tokenizer, self.template,
                                       config.image_token_id, config.num_image_tokens)
