@@ -157,6 +157,9 @@ def test_the_llava_layout_names_a_hub_tower_only_for_an_untrained_one(tmp_path_f
         export_llava_original(full_run(tmp_path_factory).output_dir, tmp_path / "full",
                               vision_tower_id="openai/clip-vit-large-patch14-336")
     assert not (tmp_path / "full").exists()
+    with pytest.raises(FileNotFoundError, match="nope is not a vir run directory: vir_config.yaml is missing"):
+        export_llava_original(tmp_path / "nope", tmp_path / "from_nothing")  # said as for every format
+    assert not (tmp_path / "from_nothing").exists()
 
 
 def test_no_merge_keeps_the_adapter_apart_and_base_plus_adapter_is_the_merged_model(tmp_path_factory, tmp_path):

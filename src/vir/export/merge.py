@@ -21,7 +21,7 @@ from vir.export.card import write_model_card
 from vir.export.chat_template import chat_template_for, drop_implicit_bos
 from vir.export.destination import check_destination, staged_export
 from vir.export.portable import add_legacy_rope_fields, nest_tower_keys, write_portable_tokenizer
-from vir.models.checkpoint import ADAPTER_CONFIG_FILE, load_run, write_run_artifacts
+from vir.models.checkpoint import ADAPTER_CONFIG_FILE, load_run, require_run_dir, write_run_artifacts
 from vir.utils.errors import UserError
 from vir.utils.paths import PathLike
 
@@ -134,7 +134,7 @@ LLAVA_LOADABLE = {"llava_llama", "llava_mistral"}
 
 def _check_llava_loads(run: Path) -> None:
     """Refuse a run LLaVA's own code could not load: another LLM family, or a SigLIP tower."""
-    config = json.loads((run / "config.json").read_text())
+    config = json.loads((require_run_dir(run) / "config.json").read_text())
     tower = (config.get("vision_config") or {}).get("model_type", "clip_vision_model")
     if config.get("model_type") not in LLAVA_LOADABLE or tower != "clip_vision_model":
         raise UserError(f"{run} is a {config.get('model_type')} model with a {tower} tower; LLaVA's own loader builds "

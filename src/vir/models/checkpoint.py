@@ -70,6 +70,14 @@ def write_run_artifacts(
         OmegaConf.save(run_config, out / RUN_CONFIG_FILE, resolve=True)
 
 
+def require_run_dir(run_dir: PathLike) -> Path:
+    """`run_dir` as a Path; `FileNotFoundError` in one line when it is not a vir run directory (or checkpoint)."""
+    run = Path(run_dir)
+    if not (run / RUN_CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{run} is not a vir run directory: {RUN_CONFIG_FILE} is missing")
+    return run
+
+
 def load_run(
     run_dir: PathLike, merge_adapter: bool = False, device: Optional[str] = None, dequantize: bool = False,
     quantize: Optional[str] = None,
@@ -85,11 +93,8 @@ def load_run(
     With `quantize` (`nf4` or `int8`), the LLM loads with bitsandbytes (tower, projector and head in full
     precision) whatever the run trained with: to serve a run on a small GPU.
     """
-    run = Path(run_dir)
-    config_file = run / RUN_CONFIG_FILE
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{run} is not a vir run directory: {RUN_CONFIG_FILE} is missing")
-    run_config = OmegaConf.load(config_file)
+    run = require_run_dir(run_dir)
+    run_config = OmegaConf.load(run / RUN_CONFIG_FILE)
     check_weight_files(run)
     tokenizer = AutoTokenizer.from_pretrained(str(run))
     image_processor = load_image_processor(run, "run directory")
